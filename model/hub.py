@@ -295,6 +295,7 @@ def _download(
 ) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / LOCK).touch()
     except OSError as exc:
         raise DownloadError(f"cannot create {folder} for {model_id}: {exc}; set JANUS_HOME to a writable folder") from exc
     timeout = httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
@@ -378,7 +379,13 @@ def _probe(client: httpx.Client, url: str, name: str, headers: dict, policy: Dow
     """HEAD a file: None when it does not exist, else its size when the server says it."""
     for attempt in range(1, policy.retries + 2):
         try:
-            response = client.head(url, headers=headers)
+            response = client.head(url, headers=headers, follow_redirects=False)
+            linked_size = response.headers.get("X-Linked-Size", "")
+            if response.is_redirect and linked_size.isdigit():
+                # Hugging Face names an LFS file's size before redirecting to a CDN URL that may be signed for GET only.
+                return RemoteFile(name, url, int(linked_size))
+            if response.is_redirect:
+                response = client.send(response.next_request, follow_redirects=True)
         except httpx.RequestError as exc:
             error = f"cannot reach {url}: {_describe(exc)}"
         else:
@@ -440,6 +447,7 @@ def _download_file(
     with tqdm(
         total=remote.size, desc=remote.name, unit="B", unit_scale=True, unit_divisor=1024,
         file=sys.stderr, disable=not progress, leave=False,
+        mininterval=0.1 if sys.stderr.isatty() else 10,  # container logs get a line now and then, not a flood
     ) as bar:
         while True:
             offset = part.stat().st_size if part.exists() else 0

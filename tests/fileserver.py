@@ -24,6 +24,7 @@ class FileServer:
     announced_size: dict[str, int] = field(default_factory=dict)  # path -> size claimed by HEAD and Content-Length
     head_size: dict[str, int] = field(default_factory=dict)       # path -> size claimed by HEAD only
     redirects: dict[str, str] = field(default_factory=dict)       # path -> path it answers 302 to
+    linked_size: bool = False                                     # redirects name the target's size, as Hugging Face does
     head_supported: bool = True
     chunk_delay: float = 0.0                                      # seconds slept after each 64 KiB sent
     requests: list[Request] = field(default_factory=list)
@@ -105,7 +106,11 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
 
         def _answered_without_body(self) -> bool:
             if self.path in server.redirects:
-                self._empty(302, {"Location": server.redirects[self.path]})
+                target = server.redirects[self.path]
+                headers = {"Location": target}
+                if server.linked_size and target in server.files:
+                    headers["X-Linked-Size"] = str(len(server.files[target]))
+                self._empty(302, headers)
                 return True
             if self.path not in server.files:
                 self._empty(404)

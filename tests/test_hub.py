@@ -2,7 +2,6 @@
 import json
 import logging
 import random
-import shutil
 import socket
 import sys
 import threading
@@ -363,7 +362,8 @@ def test_endpoints_from_environment(server, tmp_path, monkeypatch):
     assert_checkpoint(folder, PADDLENLP_CHECKPOINT)
 
 
-def test_hf_sharded_weights_behind_redirects(tmp_path, monkeypatch):
+@pytest.mark.parametrize("linked_size", [False, True], ids=["plain-redirects", "hf-linked-size"])
+def test_hf_sharded_weights_behind_redirects(tmp_path, monkeypatch, linked_size):
     shards = {f"model-0000{i}-of-00002.safetensors": random.Random(i).randbytes(300_000) for i in (1, 2)}
     index = json.dumps({"metadata": {}, "weight_map": {"a.weight": next(iter(shards)), "b.weight": list(shards)[1]}})
     expected = {n: d for n, d in HF_CHECKPOINT.items() if n != "model.safetensors"}
@@ -373,7 +373,7 @@ def test_hf_sharded_weights_behind_redirects(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "secret-token")
     monkeypatch.setenv("JANUS_HF_ENDPOINT", "http://unused.invalid")
 
-    with FileServer(files, redirects=redirects) as server:
+    with FileServer(files, redirects=redirects, linked_size=linked_size) as server:
         folder = resolve_model(PRO_7B, tmp_path, endpoints={"hf": server.url("/hf")}, policy=FAST, progress=False)
 
     assert folder == tmp_path / "deepseek-ai--Janus-Pro-7B"
@@ -381,6 +381,8 @@ def test_hf_sharded_weights_behind_redirects(tmp_path, monkeypatch):
     tried_first = [r for r in server.requests if r.path == hf_path("model.safetensors", PRO_7B)]
     assert tried_first and all(r.method == "HEAD" for r in tried_first)
     assert all(r.headers.get("Authorization") == "Bearer secret-token" for r in server.requests if r.path.startswith("/hf/"))
+    cdn_heads = [r for r in server.requests if r.method == "HEAD" and r.path.startswith("/cdn/")]
+    assert bool(cdn_heads) != linked_size, "with X-Linked-Size the signed CDN URL is only ever fetched"
 
 
 def test_hf_token_is_not_sent_to_paddlenlp(server, tmp_path, monkeypatch):
