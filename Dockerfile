@@ -3,13 +3,17 @@
 # `--target cpu` (slim Python + PyPI paddlepaddle). Weights are never baked in:
 # they live in the /models volume (JANUS_HOME). See docs/deploy.md.
 
-# The CUDA base and Paddle's wheel index must name the same CUDA (12.6 here).
+# The CUDA base and Paddle's wheel index must name the same CUDA (12.6 here);
+# PADDLE_GPU_VERSION follows the paddlepaddle pin in constraints.txt.
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
+ARG PADDLE_INDEX_URL=https://www.paddlepaddle.org.cn/packages/stable/cu126/
+ARG PADDLE_GPU_VERSION=3.3.1
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-
-# ---------------------------------------------------------------- CPU image
-FROM ${PYTHON_IMAGE} AS cpu-build
 ARG PIP_VERSION=26.3
+
+# CPU image: build a venv, then copy it onto a clean base.
+FROM ${PYTHON_IMAGE} AS cpu-build
+ARG PIP_VERSION
 WORKDIR /src
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir "pip==${PIP_VERSION}"
@@ -46,7 +50,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 CMD ["jan
 # tini forwards SIGTERM to the server (not its process group) so the server drains and stops its own workers.
 ENTRYPOINT ["tini", "--", "janus-entrypoint"]
 
-# ---------------------------------------------------------------- GPU image
+# GPU image: the same on CUDA, with paddlepaddle-gpu in place of paddlepaddle.
 FROM ${CUDA_IMAGE} AS gpu-base
 ARG DEBIAN_FRONTEND=noninteractive
 # Ubuntu's versions move with security updates; pinning them would break rebuilds.
@@ -60,9 +64,9 @@ RUN apt-get update \
  && chown janus:janus /models
 
 FROM gpu-base AS gpu-build
-ARG PIP_VERSION=26.3
-ARG PADDLE_GPU_VERSION=3.3.1
-ARG PADDLE_INDEX_URL=https://www.paddlepaddle.org.cn/packages/stable/cu126/
+ARG PIP_VERSION
+ARG PADDLE_GPU_VERSION
+ARG PADDLE_INDEX_URL
 WORKDIR /src
 RUN python3.11 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir "pip==${PIP_VERSION}"
