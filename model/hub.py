@@ -150,7 +150,8 @@ def resolve_model(
             f"{model_id} is not in the local cache and {offline_reason}.\n"
             f"{_missing_report(folder, model_id)}\n{_offline_advice(folder)}"
         )
-    return _download(model_id, folder, _source_order(model_id, source), endpoints or {}, policy or DownloadPolicy(), progress)
+    sources = _source_order(model_id, source)
+    return _download(model_id, folder, sources, endpoints or {}, policy or DownloadPolicy(), progress)
 
 
 def download_model(
@@ -206,7 +207,9 @@ def missing_files(folder: Path, source: str) -> list[str]:
 
 def _checkpoint_folder(path: Path) -> Path:
     if not path.is_dir():
-        raise ModelNotFoundError(f"{path} is a file; --model takes a checkpoint folder (with config.json), a known id or 'janus-tiny'")
+        raise ModelNotFoundError(
+            f"{path} is a file; --model takes a checkpoint folder (with config.json), a known id or 'janus-tiny'"
+        )
     if not (path / "config.json").is_file():
         present = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
         raise ModelNotFoundError(f"{path} is not a checkpoint folder: config.json is missing (it holds: {present})")
@@ -274,7 +277,9 @@ def _offline_advice(folder: Path) -> str:
 def _manifest_matches(folder: Path) -> bool:
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
-        return bool(files) and all((folder / n).is_file() and (folder / n).stat().st_size == size for n, size in files.items())
+        return bool(files) and all(
+            (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items()
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -291,13 +296,20 @@ def _shard_names(index_text: str) -> list[str]:
 
 
 def _download(
-    model_id: str, folder: Path, sources: tuple[str, ...], endpoints: Mapping[str, str], policy: DownloadPolicy, progress: bool,
+    model_id: str,
+    folder: Path,
+    sources: tuple[str, ...],
+    endpoints: Mapping[str, str],
+    policy: DownloadPolicy,
+    progress: bool,
 ) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / LOCK).touch()
     except OSError as exc:
-        raise DownloadError(f"cannot create {folder} for {model_id}: {exc}; set JANUS_HOME to a writable folder") from exc
+        raise DownloadError(
+            f"cannot create {folder} for {model_id}: {exc}; set JANUS_HOME to a writable folder"
+        ) from exc
     timeout = httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
     headers = {"User-Agent": "janus-server", "Accept-Encoding": "identity"}
     with _folder_lock(folder, policy), httpx.Client(timeout=timeout, follow_redirects=True, headers=headers) as client:
@@ -425,7 +437,9 @@ def _check_free_space(model_id: str, staging: Path, files: list[RemoteFile]) -> 
     needed = sum(max(f.size - _size_on_disk(staging, f.name), 0) for f in files if f.size is not None)
     free = shutil.disk_usage(staging).free
     if needed > free:
-        raise DownloadError(f"{model_id} needs {needed / 1e9:.2f} GB more in {staging} but only {free / 1e9:.2f} GB is free")
+        raise DownloadError(
+            f"{model_id} needs {needed / 1e9:.2f} GB more in {staging} but only {free / 1e9:.2f} GB is free"
+        )
 
 
 def _size_on_disk(staging: Path, name: str) -> int:
@@ -459,7 +473,8 @@ def _download_file(
                 failures = 1 if _file_size(part) > offset else failures + 1
                 if failures > policy.retries:
                     raise DownloadError(
-                        f"downloading {remote.name} from {remote.url} failed {failures} times in a row: {_describe(exc)}. "
+                        f"downloading {remote.name} from {remote.url} failed {failures} times in a row: "
+                        f"{_describe(exc)}. "
                         f"The partial file is kept in {staging}; run again to resume."
                     ) from exc
                 log.warning("%s: %s; resuming in %.1f s", remote.name, _describe(exc), _backoff(policy, failures))
@@ -482,7 +497,8 @@ def _transfer(
     client: httpx.Client, remote: RemoteFile, part: Path, offset: int, headers: dict, policy: DownloadPolicy, bar: tqdm,
 ) -> int | None:
     """One GET appending to the .part from `offset`; returns the size the server announced."""
-    if remote.size is not None and offset == remote.size and part.exists():  # an earlier run got every byte but stopped before renaming
+    # An earlier run may have got every byte but stopped before renaming.
+    if remote.size is not None and offset == remote.size and part.exists():
         return remote.size
     if remote.size is not None and offset > remote.size:
         part.unlink()
@@ -500,7 +516,9 @@ def _transfer(
             start, total = _content_range(response)
             if start != offset or (remote.size is not None and total != remote.size):
                 part.unlink(missing_ok=True)
-                raise _RetryableError(f"server sent bytes from {start} of {total}, not from {offset} of {remote.size}; starting over")
+                raise _RetryableError(
+                    f"server sent bytes from {start} of {total}, not from {offset} of {remote.size}; starting over"
+                )
             mode = "ab"
         else:
             if offset:

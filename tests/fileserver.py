@@ -24,7 +24,7 @@ class FileServer:
     announced_size: dict[str, int] = field(default_factory=dict)  # path -> size claimed by HEAD and Content-Length
     head_size: dict[str, int] = field(default_factory=dict)       # path -> size claimed by HEAD only
     redirects: dict[str, str] = field(default_factory=dict)       # path -> path it answers 302 to
-    linked_size: bool = False                                     # redirects name the target's size, as Hugging Face does
+    linked_size: bool = False                                     # redirects carry X-Linked-Size, as on Hugging Face
     head_supported: bool = True
     chunk_delay: float = 0.0                                      # seconds slept after each 64 KiB sent
     requests: list[Request] = field(default_factory=list)

@@ -229,7 +229,8 @@ def test_complete_cache_touches_no_network(server, tmp_path):
     resolve(server, tmp_path)
     server.requests.clear()
 
-    again = resolve_model(JANUS, tmp_path, endpoints={"paddlenlp": closed_port_url(), "hf": closed_port_url()}, policy=FAST)
+    dead = closed_port_url()
+    again = resolve_model(JANUS, tmp_path, endpoints={"paddlenlp": dead, "hf": dead}, policy=FAST)
 
     assert again == model_folder(JANUS, tmp_path)
     assert not server.requests
@@ -380,7 +381,8 @@ def test_hf_sharded_weights_behind_redirects(tmp_path, monkeypatch, linked_size)
     assert_checkpoint(folder, expected)
     tried_first = [r for r in server.requests if r.path == hf_path("model.safetensors", PRO_7B)]
     assert tried_first and all(r.method == "HEAD" for r in tried_first)
-    assert all(r.headers.get("Authorization") == "Bearer secret-token" for r in server.requests if r.path.startswith("/hf/"))
+    hf_requests = [r for r in server.requests if r.path.startswith("/hf/")]
+    assert all(r.headers.get("Authorization") == "Bearer secret-token" for r in hf_requests)
     cdn_heads = [r for r in server.requests if r.method == "HEAD" and r.path.startswith("/cdn/")]
     assert bool(cdn_heads) != linked_size, "with X-Linked-Size the signed CDN URL is only ever fetched"
 
@@ -407,7 +409,9 @@ def test_unreachable_network_explains_how_to_serve_offline(tmp_path):
 
 def test_download_model_is_resolve_for_the_cli(server, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="model.hub"):
-        folder = download_model(JANUS, tmp_path, "paddlenlp", endpoints=endpoints_of(server), policy=FAST, progress=False)
+        folder = download_model(
+            JANUS, tmp_path, "paddlenlp", endpoints=endpoints_of(server), policy=FAST, progress=False
+        )
 
     assert_checkpoint(folder, PADDLENLP_CHECKPOINT)
     assert "is ready in" in caplog.text
