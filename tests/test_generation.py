@@ -1,0 +1,125 @@
+"""The two generation algorithms against the official implementation's outputs (golden set)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.generation import (
+    DecodeBatch, SamplingParams, cfg_prompt_rows, generate_images, generate_text, image_rngs, sample_token,
+)
+from model.loader import load_model
+
+GOLDEN = Path(__file__).parent / "golden" / "janus-tiny"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return np.load(GOLDEN / "cases.npz"), json.loads((GOLDEN / "cases.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(GOLDEN)
+
+
+def understanding_inputs(arrays, case):
+    return {
+        "input_ids": arrays[f"understanding.{case}.input_ids"][0],
+        "image_mask": arrays[f"understanding.{case}.images_seq_mask"][0],
+        "pixel_values": arrays[f"understanding.{case}.pixel_values"][0],
+    }
+
+
+@pytest.mark.parametrize("case", ["conv1", "conv2"])
+def test_greedy_understanding_matches_reference(model, golden, case):
+    arrays, cases = golden
+    eos = cases["special_token_ids"]["eos_token_id"]
+    (ids,) = generate_text(model, [understanding_inputs(arrays, case)], eos_id=eos, max_new_tokens=24)
+    assert ids == arrays[f"understanding.{case}.generated_ids"][0].tolist()
+
+
+def test_batched_understanding_matches_reference(model, golden):
+    """The left-padded reference batch, run as two rows of different lengths in one batch."""
+    arrays, cases = golden
+    eos = cases["special_token_ids"]["eos_token_id"]
+    inputs = []
+    for row in range(2):
+        keep = arrays["understanding_batch.attention_mask"][row].astype(bool)
+        ids = arrays["understanding_batch.input_ids"][row][keep]
+        mask = arrays["understanding_batch.images_seq_mask"][row][keep]
+        n_images = int(arrays["understanding_batch.images_emb_mask"][row].any(axis=1).sum())
+        case = "conv1" if n_images == 1 else "conv2"
+        pixels = arrays[f"understanding.{case}.pixel_values"][0]
+        inputs.append({"input_ids": ids, "image_mask": mask, "pixel_values": pixels})
+    assert len(inputs[0]["input_ids"]) != len(inputs[1]["input_ids"])
+    out = generate_text(model, inputs, eos_id=eos, max_new_tokens=24)
+    assert out == arrays["understanding_batch.generated_ids"].tolist()
+
+
+def test_greedy_text_to_image_matches_reference(model, golden):
+    arrays, cases = golden
+    pad = cases["special_token_ids"]["pad_id (processor.pad_id, '<｜▁pad▁｜>')"]
+    input_ids = arrays["generation.input_ids"].astype(np.int64)
+    np.testing.assert_array_equal(cfg_prompt_rows(input_ids[0], pad, 2), input_ids)
+    codes, images = generate_images(model, input_ids[0], pad_id=pad, n=2, cfg_weight=5.0,
+                                    params=SamplingParams(temperature=0.0))
+    np.testing.assert_array_equal(codes, arrays["generation.image_tokens"])
+    expected = arrays["generation.images_uint8"]
+    diff = np.abs(images.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.001
+
+
+def test_sampling_is_reproducible_per_seed_alone_or_batched(model, golden):
+    """A seeded image request gives the same tokens alone and next to other requests."""
+    arrays, cases = golden
+    pad = cases["special_token_ids"]["pad_id (processor.pad_id, '<｜▁pad▁｜>')"]
+    eos = cases["special_token_ids"]["eos_token_id"]
+    prompt = arrays["generation.input_ids"][0].astype(np.int64)
+    params = SamplingParams(temperature=1.0, top_k=40, top_p=0.9)
+
+    alone = DecodeBatch(model, slots=2, max_len=700)
+    _, rngs = image_rngs(1234, 1)
+    events = alone.add_images("a", prompt, pad_id=pad, n=1, params=params, rngs=rngs)
+    while alone:
+        events += alone.step()
+    codes_alone = [e.codes for e in events if e.kind == "codes_done"][0]
+
+    mixed = DecodeBatch(model, slots=8, max_len=1400)
+    events = mixed.add_images("other", prompt[:-3].copy(), pad_id=pad, n=2, params=params,
+                              rngs=image_rngs(99, 2)[1])
+    for _ in range(5):
+        events += mixed.step()
+    events += mixed.add_text("text", understanding_inputs(arrays, "conv1")["input_ids"],
+                             image_mask=understanding_inputs(arrays, "conv1")["image_mask"],
+                             pixel_values=understanding_inputs(arrays, "conv1")["pixel_values"],
+                             params=SamplingParams(0.7, 0, 0.95), rng=np.random.default_rng(5),
+                             max_new_tokens=30, eos_id=eos)
+    events += mixed.add_images("a", prompt, pad_id=pad, n=1, params=params, rngs=image_rngs(1234, 1)[1])
+    while mixed:
+        events += mixed.step()
+    codes_mixed = [e.codes for e in events if e.kind == "codes_done" and e.key == "a"][0]
+    np.testing.assert_array_equal(codes_alone, codes_mixed)
+    assert mixed.pool.free == 8
+
+
+def test_sample_token_filters():
+    rng = np.random.default_rng(0)
+    logits = np.array([0.0, 5.0, 4.9, -3.0], np.float32)
+    assert sample_token(logits, SamplingParams(), None) == 1
+    drawn = {sample_token(logits, SamplingParams(1.0, top_k=2), rng) for _ in range(200)}
+    assert drawn == {1, 2}
+    drawn = {sample_token(logits, SamplingParams(1.0, top_p=0.3), rng) for _ in range(200)}
+    assert drawn == {1}
+    low_temperature = {sample_token(logits, SamplingParams(0.01), rng) for _ in range(50)}
+    assert low_temperature == {1}
+
+
+def test_cache_rows_are_freed_and_too_long_requests_refused(model, golden):
+    arrays, cases = golden
+    pad = cases["special_token_ids"]["pad_id (processor.pad_id, '<｜▁pad▁｜>')"]
+    prompt = arrays["generation.input_ids"][0].astype(np.int64)
+    batch = DecodeBatch(model, slots=2, max_len=100)
+    with pytest.raises(ValueError, match="cache positions"):
+        batch.add_images("x", prompt, pad_id=pad, n=1)
+    assert batch.pool.free == 2
