@@ -1,0 +1,85 @@
+"""`janus-server serve` and `janus-server download`.
+
+Every Settings field is also a `serve` flag (--max-queue for max_queue);
+a flag given on the command line wins over the JANUS_* environment variable.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import SecretStr
+
+from server.settings import Settings
+
+
+def flag_options(annotation: Any) -> dict[str, Any]:
+    """argparse options for a Settings field of this type; lists are comma-separated strings."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(annotation) is Literal:
+        return {"choices": typing.get_args(annotation)}
+    if annotation in (int, float):
+        return {"type": annotation}
+    if annotation is SecretStr or annotation is str:
+        return {"type": str}
+    return {"type": str, "metavar": "A,B"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="janus-server", description="DeepSeek Janus inference server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="Serve the HTTP API.")
+    for name, field in Settings.model_fields.items():
+        serve.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+            help=f"{field.description} [env JANUS_{name.upper()}]", **flag_options(field.annotation),
+        )
+    download = commands.add_parser("download", help="Download a model into the model folder and exit.")
+    download.add_argument("--model", default=Settings.model_fields["model"].default, help="Model id.")
+    download.add_argument("--home", default=None, help="Model folder (default $JANUS_HOME or ~/.cache/janus-server).")
+    download.add_argument("--source", default=None, help="Where to download from (default: the model's first source).")
+    return parser
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from server.app import create_app
+    from server.logging import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    # uvicorn turns SIGTERM into a graceful shutdown; the app's lifespan then drains and stops the engine
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
+    )
+
+
+def download(model: str, home: str | None, source: str | None) -> None:
+    from model.hub import download_model
+
+    print(download_model(model, home, source))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    if command == "download":
+        download(args["model"], args["home"] or Settings().home, args["source"])
+    else:
+        serve(Settings(**args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

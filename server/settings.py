@@ -1,0 +1,76 @@
+"""Server settings: environment variables JANUS_<NAME>, overridden by `janus-server serve --<name>` flags."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.engine.types import EngineConfig
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="JANUS_", extra="forbid")
+
+    model: str = Field(
+        "deepseek-ai/Janus-1.3B", description="Known model id, a local checkpoint folder, or 'janus-tiny'."
+    )
+    home: str | None = Field(None, description="Model cache folder (default $JANUS_HOME or ~/.cache/janus-server).")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    devices: CommaList = Field(
+        default_factory=lambda: ["auto"], description="Comma-separated: auto, cpu, or GPU ids; one worker each."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU."
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads per worker (default: all cores / workers).")
+    api_key: SecretStr | None = Field(
+        None, description="If set, requests need 'Authorization: Bearer <key>' (not /health, /ready, /metrics)."
+    )
+    cors_origins: CommaList = Field(default_factory=list, description="Comma-separated origins allowed by CORS.")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body.")
+    max_images: int = Field(4, ge=1, description="Most images in one understanding request.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest width x height of an uploaded image.")
+    max_prompt_chars: int = Field(65536, ge=1, description="Longest prompt / conversation text, in characters.")
+    max_new_tokens_limit: int = Field(
+        4096, ge=1, description="Largest max_new_tokens / max_tokens a request may ask for."
+    )
+    max_queue: int = Field(64, ge=1, description="Requests waiting before the server answers 429.")
+    max_batch_rows: int = Field(32, ge=1, description="Rows in one worker batch (1 per text request, 2 per image).")
+    max_cache_tokens: int = Field(65536, ge=1, description="KV-cache positions per worker.")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds a request may wait and run before 504.")
+    offline: bool = Field(False, description="Never download a model.")
+    allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs in requests.")
+    allow_private_image_hosts: bool = Field(
+        False, description="Also fetch image URLs whose host is a private, loopback or link-local address."
+    )
+    remote_image_timeout: float = Field(10.0, gt=0, description="Seconds to fetch one remote image.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_json: bool = Field(True, description="Log one JSON object per line (else plain text).")
+    timeout_graceful_shutdown: float = Field(
+        60.0, ge=0, description="Seconds to let running requests finish after SIGTERM."
+    )
+
+    @field_validator("devices", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            home=self.home,
+            devices=list(self.devices),
+            dtype=self.dtype,
+            max_queue=self.max_queue,
+            max_batch_rows=self.max_batch_rows,
+            max_cache_tokens=self.max_cache_tokens,
+            request_timeout=self.request_timeout,
+            offline=self.offline,
+            threads=self.threads,
+        )
