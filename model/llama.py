@@ -1,0 +1,244 @@
+"""LLaMA decoder (DeepSeek-LLM inside Janus) with a static, slot-addressed KV cache.
+
+Numerics follow transformers' LlamaForCausalLM: RMSNorm in float32, rotary
+embeddings computed in float32 with the rotate-half convention, SiLU-gated MLP,
+no biases. q/k/v and gate/up are stored fused (the loader concatenates them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from .config import LlamaConfig
+
+
+class KVCache:
+    """Fixed key/value buffers for `num_slots` independent sequences of up to `max_len` tokens each.
+
+    Positions are stored in blocks of `block_size`: per layer `k[i]` and `v[i]` are
+    [num_blocks, num_slots, kv_heads, block_size, head_dim]. Attention then reads the used
+    prefix of blocks as one contiguous view, because on CPU any gather or transpose of
+    the cache costs more than the attention itself.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: str = "float32", block_size: int = 64):
+        if num_slots < 1 or max_len < 1:
+            raise ValueError(f"a KV cache needs at least one slot and one position, got {num_slots} x {max_len}")
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self.block_size = min(block_size, max_len)
+        self.num_blocks = math.ceil(max_len / self.block_size)
+        shape = [self.num_blocks, num_slots, kv_heads, self.block_size, head_dim]
+        # Zeros, not empty: masked-out stale entries must be finite so that 0 * value stays 0.
+        self.k = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.v = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.numel()) * t.element_size() for t in self.k + self.v)
+
+
+@dataclasses.dataclass
+class _Step:
+    """What every layer of one forward call shares: rotary tables, cache addresses and the attention mask."""
+
+    cos: paddle.Tensor  # [B, T, 1, head_dim]
+    sin: paddle.Tensor
+    write_block: paddle.Tensor  # [B, T] int64
+    write_slot: paddle.Tensor
+    write_offset: paddle.Tensor
+    read_slots: paddle.Tensor | None  # None: the batch is every cache slot in order, read without a gather
+    read_blocks: int
+    mask: paddle.Tensor  # [read_blocks, B, 1, 1, T, block_size] additive
+
+
+def rotary_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+
+
+def rotary_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [..., head_dim] in float32 for integer positions, as transformers' LlamaRotaryEmbedding."""
+    freqs = positions.astype(np.float32)[..., None] * inv_freq
+    angles = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(angles), np.sin(angles)
+
+
+def rotate_half(x: paddle.Tensor) -> paddle.Tensor:
+    x1, x2 = paddle.chunk(x, 2, axis=-1)
+    return paddle.concat([-x2, x1], axis=-1)
+
+
+class RMSNorm(nn.Layer):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x32 = x if x.dtype == paddle.float32 else x.astype("float32")
+        x32 = x32 * paddle.rsqrt((x32 * x32).mean(axis=-1, keepdim=True) + self.eps)
+        return self.weight * (x32 if x.dtype == paddle.float32 else x32.astype(x.dtype))
+
+
+class Attention(nn.Layer):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        qkv_width = (self.heads + 2 * self.kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_width, bias_attr=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias_attr=False)
+
+    def forward(self, x: paddle.Tensor, k_cache: paddle.Tensor, v_cache: paddle.Tensor, step: _Step) -> paddle.Tensor:
+        batch, length, _ = x.shape
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        groups = heads // kv_heads
+        qkv = self.qkv_proj(x)
+        qk, v = paddle.split(qkv, [(heads + kv_heads) * head_dim, kv_heads * head_dim], axis=-1)
+        # Rotate q and k in one pass: they share positions.
+        qk = qk.reshape([batch, length, heads + kv_heads, head_dim])
+        qk = qk * step.cos + rotate_half(qk) * step.sin
+        q, k = paddle.split(qk, [heads, kv_heads], axis=2)
+        k_cache[step.write_block, step.write_slot, :, step.write_offset] = k
+        v_cache[step.write_block, step.write_slot, :, step.write_offset] = v.reshape([batch, length, kv_heads, head_dim])
+
+        keys = k_cache[: step.read_blocks]
+        values = v_cache[: step.read_blocks]
+        if step.read_slots is not None:
+            keys = paddle.index_select(keys, step.read_slots, axis=1)
+            values = paddle.index_select(values, step.read_slots, axis=1)
+
+        q = q * self.scale
+        if length == 1:
+            q = q.reshape([batch, kv_heads, groups, head_dim])
+        else:
+            q = q.reshape([batch, length, kv_heads, groups, head_dim]).transpose([0, 2, 3, 1, 4])
+            q = q.reshape([batch, kv_heads, groups * length, head_dim])
+        # [blocks, B, kv_heads, groups*T, block]: q broadcasts over the blocks of the cache.
+        scores = paddle.matmul(q, keys, transpose_y=True)
+        blocks, block_size = step.read_blocks, scores.shape[-1]
+        scores = scores.reshape([blocks, batch, kv_heads, groups, length, block_size]) + step.mask
+        if blocks == 1:
+            probs = F.softmax(scores, axis=-1)
+        else:
+            # Softmax over (block, offset) jointly, without moving the keys axis together.
+            scores = paddle.exp(scores - scores.max(axis=[0, 5], keepdim=True))
+            probs = scores / scores.sum(axis=[0, 5], keepdim=True)
+        probs = probs.reshape([blocks, batch, kv_heads, groups * length, block_size])
+        out = paddle.matmul(probs, values)
+        out = out[0] if blocks == 1 else out.sum(axis=0)
+        if length == 1:
+            out = out.reshape([batch, 1, heads * head_dim])
+        else:
+            out = out.reshape([batch, kv_heads, groups, length, head_dim]).transpose([0, 3, 1, 2, 4])
+            out = out.reshape([batch, length, heads * head_dim])
+        return self.o_proj(out)
+
+
+class MLP(nn.Layer):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias_attr=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias_attr=False)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        gate, up = paddle.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Layer):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: paddle.Tensor, k_cache: paddle.Tensor, v_cache: paddle.Tensor, step: _Step) -> paddle.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), k_cache, v_cache, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Layer):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.LayerList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.inv_freq = rotary_inv_freq(config.head_dim, config.rope_theta)
+
+    def new_cache(self, num_slots: int, max_len: int, dtype: str | None = None, block_size: int = 64) -> KVCache:
+        c = self.config
+        dtype = dtype or str(self.embed_tokens.weight.dtype).replace("paddle.", "")
+        return KVCache(c.num_hidden_layers, num_slots, max_len, c.num_key_value_heads, c.head_dim, dtype, block_size)
+
+    def forward(self, embeds: paddle.Tensor, cache: KVCache, slots, start) -> paddle.Tensor:
+        """Run `embeds` [B, T, H] at positions start[b].. of cache rows slots[b]; returns the final-normed hidden."""
+        if embeds.ndim != 3:
+            raise ValueError(f"embeds must be [batch, tokens, hidden], got shape {list(embeds.shape)}")
+        if len(cache.k) != len(self.layers):
+            raise ValueError(f"the cache has {len(cache.k)} layers, the model {len(self.layers)}")
+        step = self._step(cache, slots, start, embeds.shape[0], embeds.shape[1])
+        x = embeds
+        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
+            x = layer(x, k_cache, v_cache, step)
+        return self.norm(x)
+
+    def _step(self, cache: KVCache, slots, start, batch: int, length: int) -> _Step:
+        slots = _host_int64(slots, batch, "slots")
+        start = _host_int64(start, batch, "start")
+        if (slots < 0).any() or (slots >= cache.num_slots).any():
+            raise ValueError(f"slots {slots.tolist()} out of range for a cache of {cache.num_slots} slots")
+        if (start < 0).any() or (start + length > cache.max_len).any():
+            raise ValueError(f"positions start {start.tolist()} + {length} tokens exceed the cache length {cache.max_len}")
+        positions = start[:, None] + np.arange(length, dtype=np.int64)[None, :]
+        cos, sin = rotary_cos_sin(positions, self.inv_freq)
+        dtype = cache.k[0].dtype
+        block_size = cache.block_size
+        read_blocks = -(-(int(positions.max()) + 1) // block_size)
+        key_positions = np.arange(read_blocks * block_size, dtype=np.int64).reshape(read_blocks, 1, 1, block_size)
+        allowed = key_positions <= positions[None, :, :, None]  # [blocks, B, T, block]
+        mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf))
+        mask = mask.reshape(read_blocks, batch, 1, 1, length, block_size)
+        every_slot = batch == cache.num_slots and bool((slots == np.arange(batch)).all())
+        return _Step(
+            cos=paddle.to_tensor(cos[:, :, None, :]).astype(dtype),
+            sin=paddle.to_tensor(sin[:, :, None, :]).astype(dtype),
+            write_block=paddle.to_tensor(positions // block_size),
+            write_slot=paddle.to_tensor(np.broadcast_to(slots[:, None], positions.shape).copy()),
+            write_offset=paddle.to_tensor(positions % block_size),
+            read_slots=None if every_slot else paddle.to_tensor(slots),
+            read_blocks=read_blocks,
+            mask=paddle.to_tensor(mask).astype(dtype),
+        )
+
+
+class LlamaForCausalLM(nn.Layer):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias_attr=False)
+
+    def forward(self, embeds: paddle.Tensor, cache: KVCache, slots, start) -> paddle.Tensor:
+        return self.lm_head(self.model(embeds, cache, slots, start))
+
+
+def _host_int64(value, batch: int, what: str) -> np.ndarray:
+    if isinstance(value, paddle.Tensor):
+        value = value.numpy()
+    array = np.asarray(value, dtype=np.int64).reshape(-1)
+    if array.shape != (batch,):
+        raise ValueError(f"{what} must hold one value per batch row ({batch}), got shape {list(np.shape(value))}")
+    return array

@@ -1,0 +1,316 @@
+"""The one checkpoint loader: HF (safetensors, PyTorch layouts) and PaddleNLP (pdparams, Paddle layouts).
+
+Checkpoint keys are first renamed to the HF names (`_CANONICAL_PREFIXES`), checked
+strictly against `expected_hf_shapes`, then copied tensor by tensor into a lazily
+built model through `_MODEL_RENAMES` / `_FUSED` (q/k/v and gate/up are concatenated).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+from .config import ConfigError, JanusConfig, expected_hf_shapes
+from .janus import JanusModel
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A model folder that cannot be loaded: missing or damaged files, wrong keys or shapes."""
+
+
+# PaddleNLP names -> HF names.
+_CANONICAL_PREFIXES = [("language_model.llama.", "language_model.model.")]
+# HF names -> this model's parameter names.
+_MODEL_RENAMES = [
+    ("vision_model.vision_tower.", "vision_model."),
+    ("gen_vision_model.quantize.embedding.", "gen_vision_model.codebook."),
+]
+# Parameters stored fused in the model: HF suffix -> (fused suffix, position among the parts).
+_FUSED = {
+    "self_attn.q_proj.weight": ("self_attn.qkv_proj.weight", 0),
+    "self_attn.k_proj.weight": ("self_attn.qkv_proj.weight", 1),
+    "self_attn.v_proj.weight": ("self_attn.qkv_proj.weight", 2),
+    "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", 0),
+    "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", 1),
+}
+# In every release but never used at inference.
+_UNUSED = re.compile(
+    r"^(gen_vision_model\.encoder\.|gen_vision_model\.quant_conv\.|gen_vision_model\.quantize\.codebook_used$"
+    r"|vision_model\.vision_tower\.attn_pool\.|.*\.rotary_emb\.inv_freq$)"
+)
+
+_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "model_state.pdparams",
+)
+
+
+def load_model(folder: str | Path, dtype: str | None = None, device: str | None = None) -> JanusModel:
+    """Load a Janus checkpoint folder into an eval-mode JanusModel (float32 on CPU).
+
+    `dtype` ('float32', 'bfloat16', 'float16') applies on GPU only; `device` ('cpu', 'gpu:0')
+    becomes Paddle's current device.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"config.json is missing in {folder}")
+    config = JanusConfig.from_file(config_path)
+    dtype = _resolve_dtype(dtype, device)
+
+    checkpoint = _open_checkpoint(folder)
+    shapes = checkpoint.shapes()
+    try:
+        config = config.with_checkpoint_shapes(shapes)
+    except ConfigError as exc:
+        raise CheckpointError(f"{checkpoint.description}: {exc}") from exc
+    with paddle.LazyGuard():
+        model = JanusModel(config, dtype=dtype)
+    params = dict(model.named_parameters())
+    linear_weights = {f"{name}.weight" for name, layer in model.named_sublayers() if isinstance(layer, nn.Linear)}
+
+    expected = expected_hf_shapes(config)
+    sources: dict[str, list[str]] = {}
+    for key in expected:
+        name, part = _model_name(key)
+        sources.setdefault(name, []).insert(part, key)
+    if set(sources) != set(params):
+        raise AssertionError(f"weight table and model disagree: {sorted(set(sources) ^ set(params))[:10]}")
+    linear_keys = {key for name, keys in sources.items() if name in linear_weights for key in keys}
+    _check_keys_and_shapes(checkpoint, shapes, expected, linear_keys)
+
+    for name, keys in sources.items():
+        parts = [_to_paddle_layout(checkpoint.read(key), key in linear_keys, checkpoint.paddle_layout) for key in keys]
+        value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        param = params[name]
+        target = str(param.dtype).replace("paddle.", "")
+        if target == "float32":
+            param.set_value(value)
+        else:
+            param.set_value(paddle.to_tensor(value).astype(target))
+        del parts, value
+    checkpoint.close()
+    model.eval()
+    for param in model.parameters():
+        param.stop_gradient = True
+    log.info("loaded %s (%s) as %s", folder, checkpoint.description, dtype)
+    return model
+
+
+def _model_name(hf_key: str) -> tuple[str, int]:
+    name = hf_key
+    for old, new in _MODEL_RENAMES:
+        if name.startswith(old):
+            name = new + name[len(old):]
+    for suffix, (fused, part) in _FUSED.items():
+        if name.endswith("." + suffix):
+            return name[: -len(suffix)] + fused, part
+    return name, 0
+
+
+def _to_paddle_layout(array: np.ndarray, is_linear: bool, paddle_layout: bool) -> np.ndarray:
+    # PyTorch Linear weights are [out, in]; Paddle's are [in, out]. Nothing else differs.
+    return np.ascontiguousarray(array.T) if is_linear and not paddle_layout else array
+
+
+def _check_keys_and_shapes(checkpoint: "_Checkpoint", shapes: dict[str, tuple[int, ...]],
+                           expected: dict[str, tuple[int, ...]], linear_keys: set[str]) -> None:
+    missing = [key for key in expected if key not in shapes]
+    unexpected = [key for key in shapes if key not in expected and not _UNUSED.match(key)]
+    mismatched = []
+    for key, want in expected.items():
+        have = shapes.get(key)
+        if have is None:
+            continue
+        if checkpoint.paddle_layout and key in linear_keys:
+            want = tuple(reversed(want))
+        if tuple(have) != want:
+            mismatched.append(f"{checkpoint.stored_name(key)}: checkpoint {list(have)}, model {list(want)}")
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing([checkpoint.stored_name(k) for k in missing])}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing([checkpoint.stored_name(k) for k in unexpected])}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_listing(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{checkpoint.description} does not match the config: " + "; ".join(problems))
+
+
+def _listing(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _resolve_dtype(dtype: str | None, device: str | None) -> str:
+    if device is not None:
+        paddle.set_device(device)
+    on_cpu = paddle.get_device().startswith("cpu")
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    dtype = aliases.get(str(dtype), dtype) if dtype is not None else ("float32" if on_cpu else "bfloat16")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if on_cpu and dtype != "float32":
+        warnings.warn(f"Paddle has no {dtype} kernels on CPU; loading in float32", stacklevel=3)
+        dtype = "float32"
+    return dtype
+
+
+class _Checkpoint:
+    """Tensors of one checkpoint by HF name. Subclasses give shapes(), read(key) -> float32 array in the
+    stored layout, and close()."""
+
+    def __init__(self, description: str, paddle_layout: bool):
+        self.description = description
+        self.paddle_layout = paddle_layout
+        self._stored: dict[str, str] = {}  # HF name -> name in the file
+
+    def _index(self, stored_names) -> None:
+        for stored in stored_names:
+            name = stored
+            for old, new in _CANONICAL_PREFIXES:
+                if name.startswith(old):
+                    name = new + name[len(old):]
+            self._stored[name] = stored
+
+    def stored_name(self, key: str) -> str:
+        return self._stored.get(key, key)
+
+
+class _SafetensorsCheckpoint(_Checkpoint):
+    """One or more .safetensors files, memory-mapped and read one tensor at a time."""
+
+    _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+               "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
+
+    def __init__(self, files: list[Path], description: str):
+        self._entries: dict[str, tuple[Path, dict, int]] = {}
+        formats = set()
+        for path in files:
+            header, data_start = self._read_header(path)
+            metadata = header.pop("__metadata__", None)
+            formats.add(metadata.get("format") if isinstance(metadata, dict) else None)
+            for name, entry in header.items():
+                self._entries[name] = (path, entry, data_start)
+        llama_keys = any(k.startswith("language_model.llama.") for k in self._entries)
+        super().__init__(description, paddle_layout=llama_keys and "pt" not in formats)
+        self._index(self._entries)
+        self._maps: dict[Path, np.memmap] = {}
+
+    @classmethod
+    def _read_header(cls, path: Path) -> tuple[dict, int]:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path} is truncated: {size} bytes, no safetensors header")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > size - 8:
+                raise CheckpointError(f"{path} is truncated or not safetensors: header of {header_len} bytes, file of {size}")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{path} has a damaged safetensors header: {exc}") from exc
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} has a damaged safetensors header")
+        data_start = 8 + header_len
+        end = 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = np.dtype(cls._DTYPES[entry["dtype"]])
+                begin, stop = (int(x) for x in entry["data_offsets"])
+                count = int(np.prod(entry["shape"], dtype=np.int64))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: tensor {name} has an unsupported or damaged entry {entry!r}") from exc
+            if stop - begin != count * dtype.itemsize:
+                raise CheckpointError(f"{path}: tensor {name} has {stop - begin} bytes for shape {entry['shape']}")
+            end = max(end, stop)
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path} is truncated: the header describes {data_start + end} bytes, the file has {size}"
+            )
+        return header, data_start
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(self._entries[stored][1]["shape"]) for name, stored in self._stored.items()}
+
+    def read(self, key: str) -> np.ndarray:
+        path, entry, data_start = self._entries[self._stored[key]]
+        data = self._maps.get(path)
+        if data is None:
+            data = self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        begin, stop = entry["data_offsets"]
+        raw = data[data_start + begin: data_start + stop]
+        if entry["dtype"] == "BF16":
+            # bfloat16 is the top half of a float32.
+            array = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            array = raw.view(self._DTYPES[entry["dtype"]]).astype(np.float32)
+        return array.reshape(entry["shape"])
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
+class _PdparamsCheckpoint(_Checkpoint):
+    """A PaddleNLP model_state.pdparams: loaded whole by paddle.load, released tensor by tensor."""
+
+    def __init__(self, path: Path):
+        try:
+            state = paddle.load(str(path), return_numpy=True)
+        except Exception as exc:  # paddle.load raises pickle/EOF/ValueError/... for damaged files
+            raise CheckpointError(f"{path} cannot be read by paddle.load (damaged or truncated?): {exc}") from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} does not hold a state dict")
+        super().__init__(f"{path.name} (PaddleNLP layout)", paddle_layout=True)
+        self._state = state
+        self._index(state)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(np.shape(self._state[stored])) for name, stored in self._stored.items()}
+
+    def read(self, key: str) -> np.ndarray:
+        array = np.asarray(self._state.pop(self._stored[key]))
+        if array.dtype == np.uint16:
+            # paddle.save stores bfloat16 tensors as uint16 arrays.
+            return (array.astype(np.uint32) << 16).view(np.float32)
+        return array.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self._state.clear()
+
+
+def _open_checkpoint(folder: Path) -> _Checkpoint:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({folder / name for name in weight_map.values()})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+        absent = [p.name for p in files if not p.is_file()]
+        if absent:
+            raise CheckpointError(f"{index.name} lists shard files missing from {folder}: {', '.join(absent)}")
+        return _SafetensorsCheckpoint(files, f"{index.name} ({len(files)} shards)")
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return _SafetensorsCheckpoint([single], single.name)
+    pdparams = folder / "model_state.pdparams"
+    if pdparams.is_file():
+        return _PdparamsCheckpoint(pdparams)
+    raise CheckpointError(f"no weights in {folder}: expected one of {', '.join(_WEIGHT_FILES)}")
+
