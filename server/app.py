@@ -26,6 +26,7 @@ from server.errors import (
     internal_error_response,
 )
 from server.metrics import ServerMetrics
+from server.protocol import apply_limits
 from server.settings import Settings
 
 log = logging.getLogger("janus.server")
@@ -150,6 +151,28 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
     return receive_replayed
 
 
+def document_limits(app: FastAPI, settings: Settings) -> None:
+    """/openapi.json states this server's limits, so clients and fuzzers know them."""
+    tokens = {"maximum": settings.max_new_tokens_limit}
+    limits = {
+        "max_new_tokens": tokens,
+        "max_tokens": tokens,
+        "max_completion_tokens": tokens,
+        "question": {"maxLength": settings.max_prompt_chars},
+        "prompt": {"maxLength": settings.max_prompt_chars},
+        "images": {"maxItems": settings.max_images},
+        "image": {"maxItems": settings.max_images},
+    }
+    build_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            apply_limits(build_openapi(), limits)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAPI:
     """The app; it starts and stops the engine itself unless one is passed in."""
     owns_engine = engine is None
@@ -180,6 +203,7 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
     app.state.metrics = metrics
     app.state.started = int(time.time())
     install_error_handlers(app)
+    document_limits(app, settings)
     protected = [Depends(require_api_key)]
     app.include_router(routes_ops.router)
     app.include_router(routes_native.router, dependencies=protected)

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from server.settings import Settings
 
@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
     download = commands.add_parser("download", help="Download a model into the model folder and exit.")
     download.add_argument("--model", default=Settings.model_fields["model"].default, help="Model id.")
-    download.add_argument("--home", default=None, help="Model folder (default $JANUS_HOME or ~/.cache/janus-server).")
-    download.add_argument("--source", default=None, help="Where to download from (default: the model's first source).")
+    download.add_argument("--home", default=None, help="Model cache folder [env JANUS_HOME].")
+    download.add_argument(
+        "--source", default=None, help="paddlenlp, hf, or an order such as hf,paddlenlp [env JANUS_MODEL_SOURCE]."
+    )
     return parser
 
 
@@ -66,19 +68,37 @@ def serve(settings: Settings) -> None:
     )
 
 
-def download(model: str, home: str | None, source: str | None) -> None:
-    from model.hub import download_model
+def download(model: str, home: str | None, source: str | None) -> int:
+    from model.hub import HubError, download_model
 
-    print(download_model(model, home, source))
+    from server.logging import configure_logging
+
+    configure_logging("info", json_lines=False)
+    try:
+        print(download_model(model, home, source))
+    except HubError as error:
+        print(f"janus-server download: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = vars(build_parser().parse_args(argv))
-    command = args.pop("command")
-    if command == "download":
-        download(args["model"], args["home"] or Settings().home, args["source"])
-    else:
-        serve(Settings(**args))
+def serve_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags given on the command line on top."""
+    flags = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    return Settings(**flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "download":
+        return download(args.model, args.home, args.source)
+    try:
+        settings = serve_settings(args)
+    except ValidationError as error:
+        print(f"janus-server serve: invalid settings\n{error}", file=sys.stderr)
+        return 2
+    serve(settings)
+    return 0
 
 
 if __name__ == "__main__":

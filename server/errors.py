@@ -24,7 +24,7 @@ ERROR_TYPES = {
     503: "service_unavailable_error",
     504: "timeout_error",
 }
-STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+STATUS_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
 # pydantic names union branches in error locations ("str", "list[ContentPart]", "ImageURL"); field names are snake_case
 FIELD_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 TYPE_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}

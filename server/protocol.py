@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 SEED_MAX = 2**63 - 1
 MAX_IMAGES_PER_GENERATION = 16
 IMAGE_SIZE = "384x384"
+DEFAULT_MAX_NEW_TOKENS = 512
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
@@ -68,7 +69,9 @@ class UnderstandBody(BaseModel):
     system_prompt: str | None = Field(
         None, description="Replaces the model's default understanding system prompt; an empty string means none."
     )
-    max_new_tokens: int = Field(512, ge=1, description="Most tokens to generate (the server caps it).")
+    max_new_tokens: int = Field(
+        DEFAULT_MAX_NEW_TOKENS, ge=1, description="Most tokens to generate; at most the server's limit."
+    )
     temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy decoding, like the reference code.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1 is off.")
     top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 is off.")
@@ -161,7 +164,9 @@ class ChatCompletionRequest(BaseModel):
         description="System messages replace the Janus system prompt (none: the default one). "
         "A message's images go before its text unless the text holds `<image_placeholder>` per image.",
     )
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; default 512.")
+    max_tokens: int | None = Field(
+        None, ge=1, description=f"Most tokens to generate; default {DEFAULT_MAX_NEW_TOKENS} or the server's limit."
+    )
     max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens; wins if both are set.")
     temperature: float | None = Field(
         None, ge=0, le=2, description="Default 1 (OpenAI's), i.e. sampling; 0 is greedy like the reference code."
@@ -287,3 +292,26 @@ def json_or_multipart_body(model: type[BaseModel], file_field: str | None = None
             },
         }
     }
+
+
+def apply_limits(openapi: dict[str, Any], limits: dict[str, dict[str, int]]) -> None:
+    """Write a server's settings into its OpenAPI document: limits["max_tokens"] = {"maximum": 4096}
+    sets that keyword on every property of that name (in each branch of an anyOf that can take it)."""
+    keyword_types = {"maximum": "integer", "maxLength": "string", "maxItems": "array"}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            for name, prop in (node.get("properties") or {}).items():
+                for keyword, value in limits.get(name, {}).items():
+                    for branch in prop.get("anyOf", [prop]):
+                        if branch.get("type") == keyword_types[keyword]:
+                            branch[keyword] = min(value, branch.get(keyword, value))
+                    if keyword == "maximum" and isinstance(prop.get("default"), int):
+                        prop["default"] = min(prop["default"], value)
+            for child in node.values():
+                visit(child)
+        elif isinstance(node, list):
+            for child in node:
+                visit(child)
+
+    visit(openapi)

@@ -37,6 +37,7 @@ from server.protocol import (
     GenerateResponse,
     GeneratedImage,
     Timings,
+    DEFAULT_MAX_NEW_TOKENS,
     UnderstandBody,
     UnderstandResponse,
     Usage,
@@ -132,7 +133,10 @@ async def read_json_or_form(
     return validate_body(model, data), files
 
 
-def check_new_tokens(max_new_tokens: int, settings: Settings, param: str) -> int:
+def check_new_tokens(max_new_tokens: int | None, settings: Settings, param: str) -> int:
+    """The requested number of new tokens; not given: the default, lowered to the server's limit."""
+    if max_new_tokens is None:
+        return min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens_limit)
     if max_new_tokens > settings.max_new_tokens_limit:
         raise APIError(
             400, f"{param}: {max_new_tokens} is over this server's limit of {settings.max_new_tokens_limit}.",
@@ -355,7 +359,9 @@ async def understand(request: Request) -> Response:
         messages=[{"role": "user", "content": body.question, "images": len(images)}],
         images=images,
         system_prompt=body.system_prompt,
-        max_new_tokens=check_new_tokens(body.max_new_tokens, settings, "max_new_tokens"),
+        max_new_tokens=check_new_tokens(
+            body.max_new_tokens if "max_new_tokens" in body.model_fields_set else None, settings, "max_new_tokens"
+        ),
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,

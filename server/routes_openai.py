@@ -51,8 +51,6 @@ from server.routes_native import (
 )
 from server.settings import Settings
 
-DEFAULT_MAX_TOKENS = 512
-
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
@@ -139,7 +137,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         raise APIError(400, "logprobs: not supported by this server.", code="invalid_value", param="logprobs")
     messages, references, system_prompt = translate_messages(body.messages, settings)
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_new_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+    max_new_tokens = body.max_completion_tokens or body.max_tokens
     engine_request = UnderstandRequest(
         messages=messages,
         images=await load_images(references, settings),

@@ -1,0 +1,217 @@
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import asyncio  # noqa: E402
+import base64  # noqa: E402
+import io  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+from collections.abc import Coroutine  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+import uvicorn  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from server.app import create_app  # noqa: E402
+from server.engine.client import EngineClient  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+API_KEY = "test-key"
+MODEL_ID = "janus-tiny"
+GOLDEN_IMAGES = Path(__file__).parent / "golden" / "janus-tiny" / "images"
+ENGINE_READY_TIMEOUT = 300
+
+
+def png_bytes(width: int = 32, height: int = 24, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def sse_payloads(lines: list[str]) -> list[str]:
+    """The `data:` payloads of a Server-Sent Events body, in order."""
+    return [line.removeprefix("data:").strip() for line in lines if line.startswith("data:")]
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    app: FastAPI
+    servers: "ServerLoop"
+
+    @property
+    def engine(self) -> EngineClient:
+        return self.app.state.engine
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 300) -> Any:
+        """Run a coroutine on the servers' event loop (where the engine lives)."""
+        return self.servers.run(coro, timeout)
+
+    def client(self, api_key: str | None = API_KEY, timeout: float = 120) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+
+class ServerLoop:
+    """Real uvicorn servers on free 127.0.0.1 ports, all in one background event loop, so that extra
+    servers with other settings can share the first server's engine."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-servers", daemon=True)
+        self.thread.start()
+        self.running: list[tuple[uvicorn.Server, asyncio.Future]] = []
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = 300) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, settings: Settings, engine: EngineClient | None = None) -> LiveServer:
+        app = create_app(settings, engine)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+        server = uvicorn.Server(config)
+        serving = asyncio.run_coroutine_threadsafe(server.serve(sockets=[listener]), self.loop)
+        self.running.append((server, serving))
+        self.run(wait_until_started(server), timeout=60)
+        return LiveServer(f"http://127.0.0.1:{port}", app, self)
+
+    def stop(self) -> None:
+        for server, serving in reversed(self.running):
+            server.should_exit = True
+            serving.result(timeout=120)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+async def wait_until_started(server: uvicorn.Server) -> None:
+    while not server.started:
+        await asyncio.sleep(0.02)
+
+
+def server_settings(home: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(
+        model=MODEL_ID,
+        home=str(home),
+        devices=["cpu"],
+        api_key=API_KEY,
+        max_body_bytes=1_000_000,
+        max_images=4,
+        max_image_pixels=2048 * 2048,
+        max_new_tokens_limit=256,
+        request_timeout=120,
+        log_json=True,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def janus_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("janus-home")
+
+
+@pytest.fixture(scope="session")
+def server_loop() -> ServerLoop:
+    servers = ServerLoop()
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(scope="session")
+def server(server_loop: ServerLoop, janus_home: Path) -> LiveServer:
+    """The main server: janus-tiny on CPU, an API key, a 1 MB body limit; it owns the engine."""
+    live = server_loop.start(server_settings(janus_home))
+    live.run(live.engine.wait_ready(timeout=ENGINE_READY_TIMEOUT), timeout=ENGINE_READY_TIMEOUT + 10)
+    return live
+
+
+@pytest.fixture(scope="session")
+def remote_image_server(server: LiveServer, server_loop: ServerLoop, janus_home: Path) -> LiveServer:
+    """Shares the engine; fetches http(s) image URLs, loopback hosts included."""
+    settings = server_settings(janus_home, allow_remote_images=True, allow_private_image_hosts=True)
+    return server_loop.start(settings, engine=server.engine)
+
+
+@pytest.fixture(scope="session")
+def public_images_server(server: LiveServer, server_loop: ServerLoop, janus_home: Path) -> LiveServer:
+    """Shares the engine; fetches http(s) image URLs of public hosts only."""
+    settings = server_settings(janus_home, allow_remote_images=True)
+    return server_loop.start(settings, engine=server.engine)
+
+
+@pytest.fixture(scope="session")
+def unstarted_server(server: LiveServer, server_loop: ServerLoop, janus_home: Path) -> LiveServer:
+    """An engine that was never started: /ready and every model route answer 503."""
+    settings = server_settings(janus_home)
+    return server_loop.start(settings, engine=EngineClient(settings.engine_config()))
+
+
+@pytest.fixture(scope="session")
+def short_timeout_server(server: LiveServer, server_loop: ServerLoop, janus_home: Path) -> LiveServer:
+    """Shares the engine; requests time out after a second, before an image is done."""
+    return server_loop.start(server_settings(janus_home, request_timeout=1.0), engine=server.engine)
+
+
+class ImageHostHandler(BaseHTTPRequestHandler):
+    """/image.png, /redirect (to it) and anything else 404."""
+
+    def do_GET(self) -> None:
+        if self.path == "/image.png":
+            body = png_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/image.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self.send_error(404)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def image_host() -> Iterator[str]:
+    """Base URL of a local HTTP server holding a PNG."""
+    http_server = ThreadingHTTPServer(("127.0.0.1", 0), ImageHostHandler)
+    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{http_server.server_address[1]}"
+    http_server.shutdown()
+    http_server.server_close()
+
+
+@pytest.fixture(scope="session")
+def client(server: LiveServer) -> httpx.Client:
+    with server.client() as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def image_png() -> bytes:
+    return png_bytes()
+
+
+@pytest.fixture(scope="session")
+def golden_png() -> bytes:
+    return (GOLDEN_IMAGES / "img0_rgb_300x200.png").read_bytes()

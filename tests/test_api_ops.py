@@ -1,0 +1,180 @@
+"""Health, readiness, metrics, the OpenAPI document, the access log, settings and the CLI."""
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import MODEL_ID, data_url, png_bytes
+from server.cli import build_parser, serve_settings
+from server.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def metric_samples(text: str) -> dict[str, list]:
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def test_health_and_ready_need_no_api_key(server):
+    with server.client(api_key=None) as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        ready = http.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "model": MODEL_ID}
+
+
+def test_metrics_count_requests_and_read_engine_stats(server, client):
+    understood = client.post("/understand", json={"image": data_url(png_bytes()), "question": "Hi",
+                                                  "max_new_tokens": 4})
+    assert understood.status_code == 200
+    client.get("/v1/does-not-exist")
+    with server.client(api_key=None) as http:
+        response = http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = metric_samples(response.text)
+    requests = {(s.labels["route"], s.labels["status"]): s.value for s in samples["janus_requests_total"]}
+    assert requests[("/understand", "200")] >= 1
+    assert requests[("unmatched", "404")] >= 1
+    assert any(s.labels["route"] == "/understand" for s in samples["janus_request_duration_seconds_count"])
+    assert samples["janus_time_to_first_token_seconds_count"][0].value >= 1
+    assert samples["janus_time_per_output_token_seconds_count"][0].value >= 1
+    assert samples["janus_workers_alive"][0].value == 1
+    assert samples["janus_workers_total"][0].value == 1
+    assert samples["janus_tokens_generated_total"][0].value >= 1
+    assert "janus_queue_length" in samples and "janus_running_rows" in samples
+    assert "janus_images_generated_total" in samples
+
+
+def test_openapi_documents_both_body_types_and_the_defaults(server):
+    with server.client(api_key=None) as http:
+        schema = http.get("/openapi.json").json()
+    understand = schema["paths"]["/understand"]["post"]["requestBody"]["content"]
+    assert set(understand) == {"application/json", "multipart/form-data"}
+    properties = understand["application/json"]["schema"]["properties"]
+    # the default 512 is lowered to the test server's limit of 256, which the document states
+    assert properties["max_new_tokens"]["default"] == 256 and properties["max_new_tokens"]["maximum"] == 256
+    assert properties["temperature"]["default"] == 0.0
+    assert understand["multipart/form-data"]["schema"]["properties"]["image"]["items"]["format"] == "binary"
+    generate = schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert generate["properties"]["n"]["default"] == 1 and generate["properties"]["n"]["maximum"] == 16
+    assert generate["properties"]["cfg_weight"]["default"] == 5.0
+    assert "/v1/chat/completions" in schema["paths"] and "/v1/images/generations" in schema["paths"]
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_one_access_log_line_per_request_with_usage(client):
+    records = Records()
+    access = logging.getLogger("janus.access")
+    access.addHandler(records)
+    access.setLevel(logging.INFO)
+    try:
+        client.post("/understand", json={"question": "Hi", "max_new_tokens": 2}, headers={"X-Request-Id": "log-1"})
+        client.get("/health", headers={"X-Request-Id": "log-2"})
+    finally:
+        access.removeHandler(records)
+    by_id = {record.fields["request_id"]: record.fields for record in records.records}
+    understood = by_id["log-1"]
+    assert understood["method"] == "POST" and understood["path"] == "/understand"
+    assert understood["status"] == 200 and understood["duration_s"] > 0
+    assert understood["usage"]["completion_tokens"] >= 1
+    assert by_id["log-2"]["status"] == 200
+    from server.logging import JsonFormatter
+
+    line = json.loads(JsonFormatter().format(records.records[0]))
+    assert line["logger"] == "janus.access" and line["request_id"] == "log-1"
+
+
+def test_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("JANUS_MAX_QUEUE", "5")
+    monkeypatch.setenv("JANUS_PORT", "9001")
+    monkeypatch.setenv("JANUS_DEVICES", "0,1")
+    args = build_parser().parse_args(
+        ["serve", "--max-queue", "7", "--api-key", "k", "--no-log-json", "--cors-origins", "http://a,http://b"]
+    )
+    settings = serve_settings(args)
+    assert settings.max_queue == 7
+    assert settings.port == 9001
+    assert settings.devices == ["0", "1"]
+    assert settings.api_key.get_secret_value() == "k"
+    assert settings.log_json is False
+    assert settings.cors_origins == ["http://a", "http://b"]
+    config = settings.engine_config()
+    assert (config.max_queue, config.devices) == (7, ["0", "1"])
+
+
+def test_settings_defaults(monkeypatch):
+    for name in [name for name in os.environ if name.startswith("JANUS_")]:
+        monkeypatch.delenv(name)
+    settings = Settings()
+    assert (settings.model, settings.host, settings.port) == ("deepseek-ai/Janus-1.3B", "127.0.0.1", 8000)
+    assert settings.devices == ["auto"] and settings.api_key is None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_command_drains_on_sigterm(janus_home, server):
+    """`janus-server serve` comes up, answers, and on SIGTERM stops with its workers and exit code 0."""
+    port = free_port()
+    env = {**os.environ, "JANUS_LOG_JSON": "false", "JANUS_HOME": str(janus_home)}
+    command = [sys.executable, "-m", "server.cli", "serve", "--model", MODEL_ID, "--devices", "cpu",
+               "--port", str(port), "--threads", "1", "--timeout-graceful-shutdown", "20"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        ready = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2)
+                if ready.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert ready is not None and ready.status_code == 200, "the server did not become ready"
+        answer = httpx.post(f"http://127.0.0.1:{port}/understand", timeout=60,
+                            json={"question": "Hi", "max_new_tokens": 2})
+        assert answer.status_code == 200, answer.text[:500]
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, output.decode(errors="replace")[-3000:]
+    leftover = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert leftover == [], "worker processes outlived the server"
+
+
+@pytest.mark.parametrize("argv", [["serve", "--port", "70000"], ["serve", "--dtype", "int3"]])
+def test_bad_flags_exit_with_a_message(argv):
+    result = subprocess.run([sys.executable, "-m", "server.cli", *argv], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "janus-server" in result.stderr and "Traceback" not in result.stderr
