@@ -18,6 +18,7 @@ for arg in "$@"; do
     case "$arg" in
         --model=*) model="${arg#--model=}" ;;
         --offline) offline=1 ;;
+        --no-offline) offline=0 ;;
     esac
     previous="$arg"
 done
