@@ -133,8 +133,8 @@ class JanusProcessor:
     def from_folder(cls, folder: str | Path, roles: Sequence[str] | None = None) -> "JanusProcessor":
         """Load tokenizer.json and the *_config.json files of a checkpoint folder (HF or PaddleNLP).
 
-        `roles`: the chat roles, e.g. JANUS_PRO_ROLES for Janus-Pro; default: a
-        "roles" entry in processor_config.json, else JANUS_ROLES (Janus-1.3B).
+        `roles`: the chat roles, e.g. JANUS_PRO_ROLES for Janus-Pro; default: the
+        "chat_roles" entry of config.json (as JanusConfig reads it), else JANUS_ROLES (Janus-1.3B).
         """
         folder = Path(folder)
         tokenizer_file = folder / "tokenizer.json"
@@ -150,7 +150,8 @@ class JanusProcessor:
         preprocessing: dict[str, Any] = {}
         for name in _PREPROCESSING_FILES:
             preprocessing.update(_read_json(folder / name))
-        language_config = _read_json(folder / "config.json").get("language_config") or {}
+        model_config = _read_json(folder / "config.json")
+        language_config = model_config.get("language_config") or {}
 
         def token_string(key: str, default: str) -> str:
             value = tokenizer_config.get(key) or special_tokens_map.get(key) or default
@@ -172,7 +173,7 @@ class JanusProcessor:
             bos_token=token_string("bos_token", BOS_TOKEN),
             eos_token=eos_token,
             pad_token=pad_token,
-            roles=tuple(roles or preprocessing.get("roles") or JANUS_ROLES),
+            roles=tuple(roles or model_config.get("chat_roles") or JANUS_ROLES),
             image_size=preprocessing.get("image_size", DEFAULT_IMAGE_SIZE),
             min_size=preprocessing.get("min_size", DEFAULT_MIN_SIZE),
             image_mean=preprocessing.get("image_mean", DEFAULT_IMAGE_MEAN),

@@ -151,6 +151,15 @@ def test_pro_roles():
     assert ids[-2:] == [processor.tokenizer.token_to_id("<|Assistant|>"), processor.encode(":", add_bos=False)[0]]
 
 
+def test_roles_hint_from_config_json(tmp_path):
+    folder = copy_tokenizer_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["chat_roles"] = list(JANUS_PRO_ROLES)
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert JanusProcessor.from_folder(folder).roles == JANUS_PRO_ROLES
+    assert JanusProcessor.from_folder(folder, roles=("User", "Assistant")).roles == ("User", "Assistant")
+
+
 def test_multi_turn_with_assistant_turn(processor):
     messages = [
         {"role": "user", "content": "What is this?", "images": 1},
