@@ -215,7 +215,7 @@ class JanusProcessor:
             system_prompt = "\n\n".join(system_parts)
         elif system_prompt is None:
             system_prompt = DEFAULT_SYSTEM_PROMPT
-        if not turns or turns[-1] != ("assistant", ""):
+        if not turns or turns[-1][0] != "assistant" or turns[-1][1].strip():
             turns.append(("assistant", ""))
 
         user_role, assistant_role = self.roles

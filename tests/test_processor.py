@@ -178,6 +178,7 @@ def test_multi_turn_with_assistant_turn(processor):
     assert inputs.image_mask.sum() == 576 and inputs.pixel_values.shape == (1, 3, 384, 384)
     # An explicit empty assistant turn at the end is the generation prompt itself, not a second one.
     assert processor.render_chat(messages + [{"role": "assistant", "content": ""}]) == text
+    assert processor.render_chat(messages + [{"role": "assistant", "content": " \n"}]) == text
 
 
 def test_system_prompt_override(processor):
