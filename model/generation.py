@@ -300,6 +300,9 @@ def cfg_prompt_rows(prompt_ids: np.ndarray, pad_id: int, n: int) -> np.ndarray:
 def merge_image_features(embeds, features, image_mask):
     """Replace the embeddings at image-placeholder positions by the aligned image features."""
     positions = np.flatnonzero(np.asarray(image_mask).reshape(-1))
+    if len(positions) != features.shape[0] * features.shape[1]:
+        raise ValueError(f"{len(positions)} image positions in the prompt for "
+                         f"{features.shape[0]} x {features.shape[1]} image features")
     flat = embeds.reshape([-1, embeds.shape[-1]])
     flat = paddle.scatter(flat, paddle.to_tensor(positions), features.reshape([-1, flat.shape[-1]]).astype(flat.dtype))
     return flat.reshape(embeds.shape)

@@ -198,6 +198,7 @@ class EngineConfig:
     max_queue: int = 64  # requests waiting in the API process before "overloaded"
     max_batch_rows: int = 32  # rows (1 per understanding request, 2 per image) in one worker batch
     max_cache_tokens: int = 65536  # KV-cache positions per worker, over all rows
+    max_running_requests: int = 0  # per worker; 0: as many as the rows allow (1 switches batching off)
     request_timeout: float = 600.0  # seconds, queue + run
     offline: bool = False  # never download
     threads: int | None = None  # CPU threads per worker (OMP_NUM_THREADS); None: all cores / workers

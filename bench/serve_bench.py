@@ -1,0 +1,219 @@
+"""Serving benchmark in the spirit of vLLM's benchmark_serving.
+
+Drives the engine in-process (default) or a running server over HTTP (--url)
+at several concurrency levels, for understanding and for text-to-image, and
+prints requests/s, images/s, tokens/s, TTFT, time per output token and p50/p95
+latency. In engine mode it runs the same load a second time with batching
+switched off (one request at a time per worker) and prints the ratio.
+
+    python bench/serve_bench.py --model janus-tiny --concurrency 1,2,4,8,16
+    python bench/serve_bench.py --url http://127.0.0.1:8000 --kind generate
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.engine.client import EngineClient  # noqa: E402
+from server.engine.types import (  # noqa: E402
+    EngineConfig, GenerateRequest, ProgressEvent, TokenEvent, UnderstandRequest,
+)
+
+
+@dataclasses.dataclass
+class Sample:
+    latency: float
+    ttft: float | None
+    tokens: int
+    images: int
+
+
+def test_image(i: int) -> Image.Image:
+    rng = np.random.default_rng(i)
+    return Image.fromarray(rng.integers(0, 255, (256, 320, 3), dtype=np.uint8))
+
+
+def percentile(values, q):
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def summarize(samples: list[Sample], wall: float) -> dict:
+    tokens = sum(s.tokens for s in samples)
+    images = sum(s.images for s in samples)
+    latencies = [s.latency for s in samples]
+    ttfts = [s.ttft for s in samples if s.ttft is not None]
+    tpots = [(s.latency - s.ttft) / (s.tokens - 1) for s in samples if s.ttft is not None and s.tokens > 1]
+    return {
+        "requests_per_s": len(samples) / wall, "images_per_s": images / wall, "tokens_per_s": tokens / wall,
+        "ttft_p50": percentile(ttfts, 50), "tpot_p50": percentile(tpots, 50),
+        "latency_p50": percentile(latencies, 50), "latency_p95": percentile(latencies, 95),
+    }
+
+
+class EngineTarget:
+    def __init__(self, engine: EngineClient, max_new_tokens: int, n_images: int):
+        self.engine = engine
+        self.max_new_tokens = max_new_tokens
+        self.n_images = n_images
+
+    async def understand(self, i: int) -> Sample:
+        start = time.perf_counter()
+        ttft, tokens = None, 0
+        request = UnderstandRequest(messages=[{"role": "user", "content": "Describe this picture.", "images": 1}],
+                                    images=[test_image(i)], max_new_tokens=self.max_new_tokens)
+        async for item in self.engine.understand_stream(request):
+            if isinstance(item, TokenEvent) and ttft is None:
+                ttft = time.perf_counter() - start
+            if not isinstance(item, TokenEvent):
+                tokens = item.usage.completion_tokens
+        return Sample(time.perf_counter() - start, ttft, tokens, 0)
+
+    async def generate(self, i: int) -> Sample:
+        start = time.perf_counter()
+        ttft = None
+        async for item in self.engine.generate_images_stream(
+                GenerateRequest(prompt=f"a watercolor of a lighthouse, take {i}", n=self.n_images, seed=i)):
+            if isinstance(item, ProgressEvent) and ttft is None:
+                ttft = time.perf_counter() - start
+        return Sample(time.perf_counter() - start, ttft, 576, self.n_images)
+
+
+class HTTPTarget:
+    def __init__(self, url: str, max_new_tokens: int, n_images: int, api_key: str | None):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(base_url=url, timeout=3600, headers=headers)
+        self.max_new_tokens = max_new_tokens
+        self.n_images = n_images
+
+    async def understand(self, i: int) -> Sample:
+        buffer = io.BytesIO()
+        test_image(i).save(buffer, format="PNG")
+        body = {"image": base64.b64encode(buffer.getvalue()).decode(), "question": "Describe this picture.",
+                "max_new_tokens": self.max_new_tokens, "stream": True}
+        start = time.perf_counter()
+        ttft, tokens = None, 0
+        async with self.client.stream("POST", "/understand", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if ttft is None and event.get("text"):
+                    ttft = time.perf_counter() - start
+                if "usage" in event:
+                    tokens = event["usage"]["completion_tokens"]
+        return Sample(time.perf_counter() - start, ttft, tokens, 0)
+
+    async def generate(self, i: int) -> Sample:
+        start = time.perf_counter()
+        response = await self.client.post("/generate", json={"prompt": f"a lighthouse, take {i}",
+                                                             "n": self.n_images, "seed": i})
+        response.raise_for_status()
+        return Sample(time.perf_counter() - start, None, 576, self.n_images)
+
+
+async def run_level(target, kind: str, concurrency: int, requests: int) -> dict:
+    """`requests` requests, at most `concurrency` in flight at any time."""
+    gate = asyncio.Semaphore(concurrency)
+    call = target.understand if kind == "understand" else target.generate
+
+    async def one(i):
+        async with gate:
+            return await call(i)
+
+    start = time.perf_counter()
+    samples = await asyncio.gather(*(one(i) for i in range(requests)))
+    return summarize(samples, time.perf_counter() - start)
+
+
+async def start_engine(args, no_batching: bool) -> EngineClient:
+    config = EngineConfig(model=args.model, home=args.home, devices=args.devices.split(","),
+                          max_batch_rows=args.max_batch_rows, max_cache_tokens=args.max_cache_tokens,
+                          max_queue=10_000, max_running_requests=1 if no_batching else 0)
+    engine = EngineClient(config)
+    await engine.start()
+    await engine.wait_ready(timeout=1800)
+    return engine
+
+
+def print_row(label, kind, concurrency, stats, baseline=None):
+    key = "images_per_s" if kind == "generate" else "tokens_per_s"
+    ratio = f"  x{stats[key] / baseline[key]:.2f} vs one-at-a-time" if baseline else ""
+    print(f"{label:<12} {kind:<10} c={concurrency:<3} req/s {stats['requests_per_s']:7.3f}  "
+          f"img/s {stats['images_per_s']:7.3f}  tok/s {stats['tokens_per_s']:8.2f}  "
+          f"TTFT p50 {stats['ttft_p50']:7.3f}s  TPOT p50 {stats['tpot_p50'] * 1000:8.2f}ms  "
+          f"latency p50 {stats['latency_p50']:7.2f}s p95 {stats['latency_p95']:7.2f}s{ratio}", flush=True)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="janus-tiny")
+    parser.add_argument("--home", default=None)
+    parser.add_argument("--devices", default="cpu")
+    parser.add_argument("--url", default=None, help="benchmark a running server instead of an in-process engine")
+    parser.add_argument("--api-key", default=os.environ.get("JANUS_API_KEY"))
+    parser.add_argument("--kind", default="understand,generate")
+    parser.add_argument("--concurrency", default="1,2,4,8,16")
+    parser.add_argument("--requests", type=int, default=0, help="per level; 0: 2 x concurrency (at least 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--images", type=int, default=1, help="images per generate request")
+    parser.add_argument("--max-batch-rows", type=int, default=32)
+    parser.add_argument("--max-cache-tokens", type=int, default=32 * 1024)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the one-request-at-a-time run")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    kinds = args.kind.split(",")
+
+    def requests_for(c):
+        return args.requests or max(4, 2 * c)
+
+    results: dict[tuple, dict] = {}
+    if args.url:
+        target = HTTPTarget(args.url, args.max_new_tokens, args.images, args.api_key)
+        for kind in kinds:
+            for c in levels:
+                results[kind, c] = await run_level(target, kind, c, requests_for(c))
+                print_row("http", kind, c, results[kind, c])
+        return
+    modes = [("batched", False)] + ([] if args.no_baseline else [("one-at-once", True)])
+    for label, no_batching in modes:
+        engine = await start_engine(args, no_batching)
+        target = EngineTarget(engine, args.max_new_tokens, args.images)
+        try:
+            await run_level(target, kinds[0], 1, 1)  # warm-up
+            for kind in kinds:
+                for c in levels:
+                    results[label, kind, c] = stats = await run_level(target, kind, c, requests_for(c))
+                    baseline = results.get(("batched", kind, c)) if no_batching else None
+                    print_row(label, kind, c, stats)
+                    if baseline:
+                        print_row("  batched", kind, c, baseline, stats)
+        finally:
+            await engine.stop()
+    print("\nsummary (batched engine)")
+    for kind in kinds:
+        key = "images_per_s" if kind == "generate" else "tokens_per_s"
+        base = results["batched", kind, levels[0]][key]
+        for c in levels:
+            value = results["batched", kind, c][key]
+            print(f"  {kind:<10} c={c:<3} {key} {value:8.3f}  x{value / base:5.2f} vs c={levels[0]}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

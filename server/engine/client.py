@@ -1,0 +1,615 @@
+"""The API process's side of the engine.
+
+Requests wait in a bounded FIFO here, in the API process, and go to a model
+worker only when that worker has cache rows free for them; so when a worker
+dies, only the requests it was running fail ("worker restarted") and the
+waiting ones go to its replacement. One reader thread per worker turns its
+outbox into events on the request's asyncio queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import multiprocessing
+import os
+import queue
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from server.engine.types import (
+    EngineConfig, EngineError, EngineNotReadyError, GenerateRequest, GenerateResult,
+    InvalidRequestError, OverloadedError, ProgressEvent, RequestFailedError, RequestTimeoutError,
+    Timings, TokenEvent, UnderstandRequest, UnderstandResult, Usage, WorkerRestartedError,
+)
+from server.engine.worker import WorkerConfig, run_worker
+
+log = logging.getLogger("janus.engine")
+IMAGE_TOKENS = 576
+
+
+@dataclasses.dataclass
+class EngineStats:
+    queue_length: int
+    running_rows: int
+    worker_rows: int  # cache rows in use as the workers report them
+    running_requests: int
+    workers_alive: int
+    workers_total: int
+    tokens_generated_total: int
+    images_generated_total: int
+    steps_total: int
+    steps_per_second: float
+    worker_restarts_total: int
+
+
+@dataclasses.dataclass
+class PendingRequest:
+    rid: str
+    kind: str  # "understand" | "generate"
+    payload: dict[str, Any]
+    rows: int
+    deadline: float
+    events: asyncio.Queue
+    enqueued_at: float
+    dispatched_at: float | None = None
+    first_token_at: float | None = None
+    worker: "WorkerHandle | None" = None
+    finished: bool = False
+
+
+class WorkerHandle:
+    """One worker process, its queues and what it is running."""
+
+    def __init__(self, device: str, index: int):
+        self.device = device
+        self.index = index
+        self.process = None
+        self.inbox = None
+        self.outbox = None
+        self.ready = False
+        self.fatal: str | None = None
+        self.running: dict[str, PendingRequest] = {}
+        self.rows_used = 0
+        self.rows = 0
+        self.row_length = 0
+        self.steps = 0
+        self.batch_rows = 0  # cache rows in use, as the worker itself last reported
+        self.reader: threading.Thread | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+
+class EngineClient:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self._ctx = multiprocessing.get_context("spawn")
+        self._workers: list[WorkerHandle] = []
+        self._waiting: collections.deque[PendingRequest] = collections.deque()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._processor = None
+        self._model_path: Path | None = None
+        self._model_config = None
+        self._boot_error: str | None = None
+        self._stopping = False
+        self._ready_event = asyncio.Event()
+        self._tokens_total = 0
+        self._images_total = 0
+        self._restarts = 0
+        self._rate_window: collections.deque[tuple[float, int]] = collections.deque(maxlen=50)
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._tasks.append(asyncio.create_task(self._boot(), name="engine-boot"))
+        self._tasks.append(asyncio.create_task(self._dispatch_loop(), name="engine-dispatch"))
+        self._tasks.append(asyncio.create_task(self._watch_loop(), name="engine-watch"))
+
+    async def _boot(self) -> None:
+        try:
+            self._model_path = await asyncio.to_thread(self._resolve_model)
+            self._processor, self._model_config = await asyncio.to_thread(self._load_processor, self._model_path)
+        except Exception as error:  # noqa: BLE001 - reported by /ready and to every request
+            self._boot_error = f"{type(error).__name__}: {error}"
+            log.error("model could not be prepared: %s", self._boot_error)
+            self._fail_waiting(lambda: EngineNotReadyError(f"model failed to load: {self._boot_error}"))
+            return
+        devices = self._devices()
+        self._workers = [WorkerHandle(device, i) for i, device in enumerate(devices)]
+        for worker in self._workers:
+            self._spawn(worker)
+
+    def _resolve_model(self) -> Path:
+        from model.hub import resolve_model
+
+        return Path(resolve_model(self.config.model, self.config.home, offline=self.config.offline))
+
+    @staticmethod
+    def _load_processor(path: Path):
+        from model.config import JanusConfig
+        from model.processor import JanusProcessor
+
+        config = JanusConfig.from_file(path / "config.json")
+        return JanusProcessor.from_folder(path, roles=config.chat_roles), config
+
+    def _devices(self) -> list[str]:
+        devices = [d.strip() for d in self.config.devices if d.strip()] or ["auto"]
+        return devices
+
+    def _worker_config(self, worker: WorkerHandle) -> WorkerConfig:
+        threads = self.config.threads
+        if threads is None and worker.device in ("cpu", "auto"):
+            cpu_workers = sum(1 for w in self._workers if w.device in ("cpu", "auto"))
+            threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+        return WorkerConfig(
+            model_path=str(self._model_path), device=worker.device, dtype=self.config.dtype,
+            max_batch_rows=self.config.max_batch_rows, max_cache_tokens=self.config.max_cache_tokens,
+            max_running_requests=self.config.max_running_requests, threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
+
+    def _spawn(self, worker: WorkerHandle) -> None:
+        worker.inbox = self._ctx.Queue()
+        worker.outbox = self._ctx.Queue()
+        worker.ready = False
+        worker.running.clear()
+        worker.rows_used = 0
+        worker.batch_rows = 0
+        worker.process = self._ctx.Process(
+            target=run_worker, args=(self._worker_config(worker), worker.inbox, worker.outbox),
+            name=f"janus-worker-{worker.index}", daemon=True)
+        worker.process.start()
+        worker.reader = threading.Thread(target=self._read_outbox, args=(worker, worker.process, worker.outbox),
+                                         name=f"janus-reader-{worker.index}", daemon=True)
+        worker.reader.start()
+        log.info("worker %d started on device %s (pid %d)", worker.index, worker.device, worker.process.pid)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        async def ready():
+            while not self.ready:
+                if self._boot_error or (self._workers and all(w.fatal for w in self._workers)):
+                    raise EngineNotReadyError(f"model failed to load: {self.error}")
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(ready(), timeout)
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop taking work, let running and waiting requests finish, then end the workers."""
+        self._stopping = True
+        deadline = time.monotonic() + drain_timeout
+        while (self._waiting or any(w.running for w in self._workers)) and time.monotonic() < deadline:
+            if not any(w.alive for w in self._workers):
+                break
+            await asyncio.sleep(0.05)
+        self._fail_waiting(lambda: EngineNotReadyError("the server is shutting down"))
+        for worker in self._workers:
+            for request in list(worker.running.values()):
+                self._finish(request, error=EngineNotReadyError("the server is shutting down"))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await asyncio.to_thread(self._end_workers)
+
+    def _end_workers(self) -> None:
+        for worker in self._workers:
+            if worker.alive:
+                try:
+                    worker.inbox.put(("stop",))
+                except (OSError, ValueError):
+                    pass
+        for worker in self._workers:
+            if worker.process is None:
+                continue
+            worker.process.join(timeout=10)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(timeout=5)
+            for q in (worker.inbox, worker.outbox):
+                q.cancel_join_thread()
+                q.close()
+            if worker.reader is not None:
+                worker.reader.join(timeout=5)
+
+    # ---- properties
+
+    @property
+    def ready(self) -> bool:
+        return not self._stopping and any(w.ready and w.alive for w in self._workers)
+
+    @property
+    def error(self) -> str | None:
+        if self._boot_error:
+            return self._boot_error
+        fatal = [w.fatal for w in self._workers if w.fatal]
+        return fatal[0] if fatal and len(fatal) == len(self._workers) else None
+
+    @property
+    def model_id(self) -> str:
+        model = self.config.model
+        return model if not Path(model).is_dir() else Path(model).resolve().name
+
+    @property
+    def processor(self):
+        return self._processor
+
+    @property
+    def max_context(self) -> int:
+        if self._model_config is None:
+            return 0
+        return self._model_config.language.max_position_embeddings
+
+    @property
+    def row_length(self) -> int:
+        """Cache positions one request row may use (prompt + new tokens)."""
+        lengths = [w.row_length for w in self._workers if w.row_length]
+        if lengths:
+            return min(lengths)
+        return min(self.config.max_cache_tokens // self.config.max_batch_rows, self.max_context)
+
+    def stats(self) -> EngineStats:
+        now = time.monotonic()
+        steps = sum(w.steps for w in self._workers)
+        rate = 0.0
+        window = [(t, s) for t, s in self._rate_window if now - t < 10]
+        if len(window) >= 2 and window[-1][0] > window[0][0]:
+            rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+        return EngineStats(
+            queue_length=len(self._waiting),
+            running_rows=sum(w.rows_used for w in self._workers),
+            worker_rows=sum(w.batch_rows for w in self._workers if w.alive),
+            running_requests=sum(len(w.running) for w in self._workers),
+            workers_alive=sum(1 for w in self._workers if w.alive and w.ready),
+            workers_total=len(self._workers),
+            tokens_generated_total=self._tokens_total,
+            images_generated_total=self._images_total,
+            steps_total=steps,
+            steps_per_second=rate,
+            worker_restarts_total=self._restarts)
+
+    # ---- understanding
+
+    async def understand(self, req: UnderstandRequest) -> UnderstandResult:
+        result = None
+        async for item in self.understand_stream(req):
+            result = item
+        return result
+
+    async def understand_stream(self, req: UnderstandRequest) -> AsyncIterator[TokenEvent | UnderstandResult]:
+        self._check_accepting()
+        if req.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens must be at least 1", param="max_new_tokens")
+        encoded = await asyncio.to_thread(self._encode_understanding, req)
+        prompt_len = len(encoded.input_ids)
+        limit = self.row_length
+        if prompt_len + req.max_new_tokens - 1 > limit:
+            raise InvalidRequestError(
+                f"the prompt is {prompt_len} tokens (with {IMAGE_TOKENS} per image) and max_new_tokens is "
+                f"{req.max_new_tokens}; together they exceed this server's context of {limit} tokens",
+                param="messages")
+        payload = {
+            "input_ids": encoded.input_ids, "image_mask": encoded.image_mask,
+            "pixel_values": encoded.pixel_values, "temperature": req.temperature, "top_k": req.top_k,
+            "top_p": req.top_p, "seed": req.seed, "max_new_tokens": req.max_new_tokens,
+        }
+        request = self._enqueue(req.request_id, "understand", payload, rows=1, timeout=req.timeout)
+        decoder = StopStringDecoder(self._processor, req.stop)
+        try:
+            while True:
+                kind, data = await self._next_event(request)
+                if kind == "token":
+                    self._tokens_total += 1
+                    if request.first_token_at is None:
+                        request.first_token_at = time.monotonic()
+                    decoder.add(data)
+                    piece = decoder.flush_ready()
+                    if piece:
+                        yield TokenEvent(piece, [data])
+                    if decoder.stopped:
+                        self._cancel(request)
+                        yield self._text_result(request, decoder, "stop", data={})
+                        return
+                elif kind == "text_done":
+                    piece = decoder.flush_all()
+                    if piece:
+                        yield TokenEvent(piece, [])
+                    yield self._text_result(request, decoder, data["finish_reason"], data)
+                    return
+        finally:
+            if not request.finished:
+                self._cancel(request)
+
+    def _encode_understanding(self, req: UnderstandRequest):
+        try:
+            return self._processor.encode_understanding(req.messages, req.images, system_prompt=req.system_prompt)
+        except ValueError as error:
+            raise InvalidRequestError(str(error), param="messages") from error
+
+    def _text_result(self, request: PendingRequest, decoder: "StopStringDecoder", finish_reason: str,
+                     data: dict) -> UnderstandResult:
+        timings = self._timings(request, data)
+        if request.first_token_at is not None:
+            timings.first_token = request.first_token_at - request.enqueued_at
+        prompt_tokens = len(request.payload["input_ids"])
+        return UnderstandResult(
+            request_id=request.rid, text=decoder.text, finish_reason=finish_reason,
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=len(decoder.ids)),
+            timings=timings, token_ids=list(decoder.ids))
+
+    # ---- text to image
+
+    async def generate_images(self, req: GenerateRequest) -> GenerateResult:
+        result = None
+        async for item in self.generate_images_stream(req):
+            result = item
+        return result
+
+    async def generate_images_stream(self, req: GenerateRequest) -> AsyncIterator[ProgressEvent | GenerateResult]:
+        self._check_accepting()
+        if req.n < 1:
+            raise InvalidRequestError("n must be at least 1", param="n")
+        if 2 * req.n > self.config.max_batch_rows:
+            raise InvalidRequestError(
+                f"n={req.n} needs {2 * req.n} batch rows (two per image for guidance); this server "
+                f"runs at most {self.config.max_batch_rows}", param="n")
+        prompt_ids = await asyncio.to_thread(self._processor.encode_generation, req.prompt)
+        limit = self.row_length
+        if len(prompt_ids) + IMAGE_TOKENS - 1 > limit:
+            raise InvalidRequestError(
+                f"the prompt is {len(prompt_ids)} tokens; with {IMAGE_TOKENS} image tokens it exceeds this "
+                f"server's context of {limit} tokens", param="prompt")
+        seed = req.seed if req.seed is not None else secrets.randbits(62)
+        seeds = [(seed + i) % 2**63 for i in range(req.n)]
+        payload = {
+            "prompt_ids": prompt_ids, "n": req.n, "cfg_weight": req.cfg_weight, "temperature": req.temperature,
+            "top_k": req.top_k, "top_p": req.top_p, "seeds": seeds,
+        }
+        request = self._enqueue(req.request_id, "generate", payload, rows=2 * req.n, timeout=req.timeout)
+        try:
+            while True:
+                kind, data = await self._next_event(request)
+                if kind == "progress":
+                    yield ProgressEvent(step=data, total=IMAGE_TOKENS)
+                elif kind == "images_done":
+                    self._images_total += req.n
+                    yield GenerateResult(
+                        request_id=request.rid, images=data["images"], seeds=seeds,
+                        usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=IMAGE_TOKENS * req.n,
+                                    images=req.n),
+                        timings=self._timings(request, data))
+                    return
+        finally:
+            if not request.finished:
+                self._cancel(request)
+
+    # ---- queue, dispatch, events
+
+    def _check_accepting(self) -> None:
+        if self._stopping:
+            raise EngineNotReadyError("the server is shutting down")
+        if self._boot_error:
+            raise EngineNotReadyError(f"model failed to load: {self._boot_error}", retry_after=60)
+        if self._processor is None:
+            raise EngineNotReadyError("the model is still loading")
+
+    def _enqueue(self, rid: str, kind: str, payload: dict, *, rows: int, timeout: float | None) -> PendingRequest:
+        if len(self._waiting) >= self.config.max_queue:
+            raise OverloadedError(
+                f"{len(self._waiting)} requests are already waiting; try again later",
+                retry_after=self._retry_after())
+        now = time.monotonic()
+        request = PendingRequest(
+            rid=rid, kind=kind, payload=payload, rows=rows,
+            deadline=now + (timeout if timeout is not None else self.config.request_timeout),
+            events=asyncio.Queue(), enqueued_at=now)
+        self._waiting.append(request)
+        self._wake.set()
+        return request
+
+    def _retry_after(self) -> float:
+        """Seconds until the queue has likely moved on: queue length x a typical request's run time."""
+        per_request = 2.0
+        rate = self.stats().steps_per_second
+        if rate > 0:
+            per_request = IMAGE_TOKENS / rate
+        return max(1.0, min(600.0, len(self._waiting) * per_request / max(1, len(self._workers))))
+
+    async def _next_event(self, request: PendingRequest):
+        kind, data = await request.events.get()
+        if kind == "error":
+            raise data
+        return kind, data
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                request = self._waiting[0]
+                if request.finished:
+                    self._waiting.popleft()
+                    continue
+                worker = self._least_loaded(request.rows)
+                if worker is None:
+                    break
+                self._waiting.popleft()
+                self._send(worker, request)
+
+    def _least_loaded(self, rows: int) -> WorkerHandle | None:
+        limit = self.config.max_running_requests
+        candidates = [w for w in self._workers if w.ready and w.alive and w.rows_used + rows <= w.rows
+                      and not (limit and len(w.running) >= limit)]
+        return min(candidates, key=lambda w: (w.rows_used, w.index)) if candidates else None
+
+    def _send(self, worker: WorkerHandle, request: PendingRequest) -> None:
+        request.worker = worker
+        request.dispatched_at = time.monotonic()
+        worker.running[request.rid] = request
+        worker.rows_used += request.rows
+        worker.inbox.put((request.kind, request.rid, request.payload))
+
+    def _cancel(self, request: PendingRequest) -> None:
+        """The caller went away or timed out: free its rows at the worker's next step."""
+        if request.finished:
+            return
+        request.finished = True
+        worker = request.worker
+        if worker is not None and worker.running.pop(request.rid, None) is not None:
+            worker.rows_used -= request.rows
+            if worker.alive:
+                worker.inbox.put(("cancel", request.rid))
+            self._wake.set()
+
+    def _finish(self, request: PendingRequest, *, error: EngineError | None = None, item=None) -> None:
+        """Deliver the last event of a request and release its rows."""
+        if request.finished:
+            return
+        request.finished = True
+        worker = request.worker
+        if worker is not None and worker.running.pop(request.rid, None) is not None:
+            worker.rows_used -= request.rows
+            self._wake.set()
+        request.events.put_nowait(("error", error) if error is not None else item)
+
+    def _fail_waiting(self, make_error) -> None:
+        while self._waiting:
+            self._finish(self._waiting.popleft(), error=make_error())
+
+    def _read_outbox(self, worker: WorkerHandle, process, outbox) -> None:
+        """Reader thread: worker messages -> the event loop, until that process is gone."""
+        while True:
+            try:
+                message = outbox.get(timeout=0.2)
+            except queue.Empty:
+                if not process.is_alive():
+                    return
+                continue
+            except (EOFError, OSError, ValueError):
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._on_message, worker, process, message)
+            except RuntimeError:
+                return
+
+    def _on_message(self, worker: WorkerHandle, process, message) -> None:
+        if process is not worker.process:
+            return  # from a worker that has since been replaced
+        kind = message[0]
+        if kind == "ready":
+            info = message[1]
+            worker.ready = True
+            worker.rows = info["rows"]
+            worker.row_length = info["row_length"]
+            log.info("worker %d ready on %s", worker.index, info["device"])
+            self._wake.set()
+        elif kind == "fatal":
+            worker.fatal = message[1]
+            log.error("worker %d could not load the model: %s", worker.index, message[1])
+            if self.error:
+                self._fail_waiting(lambda: EngineNotReadyError(f"model failed to load: {self.error}"))
+        elif kind == "events":
+            _, events, stats = message
+            worker.steps = stats["steps"]
+            worker.batch_rows = stats["rows"]
+            self._rate_window.append((time.monotonic(), sum(w.steps for w in self._workers)))
+            for rid, event, data in events:
+                request = worker.running.get(rid)
+                if request is None:
+                    continue
+                if event in ("token", "progress"):
+                    request.events.put_nowait((event, data))
+                elif event in ("text_done", "images_done"):
+                    self._finish(request, item=(event, data))
+                elif event == "error":
+                    self._finish(request, error=RequestFailedError(f"inference failed: {data}"))
+
+    async def _watch_loop(self) -> None:
+        """Restart dead workers and time out overdue requests."""
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for worker in self._workers:
+                if worker.process is not None and not worker.alive and not worker.fatal and not self._stopping:
+                    self._restart(worker)
+            for worker in self._workers:
+                for request in list(worker.running.values()):
+                    if now > request.deadline:
+                        self._cancel(request)
+                        request.events.put_nowait(("error", RequestTimeoutError(
+                            "the request did not finish within its timeout", param="timeout")))
+            for request in list(self._waiting):
+                if now > request.deadline:
+                    self._waiting.remove(request)
+                    self._finish(request, error=RequestTimeoutError(
+                        "the request waited in the queue past its timeout", param="timeout"))
+
+    def _restart(self, worker: WorkerHandle) -> None:
+        code = worker.process.exitcode
+        log.error("worker %d died (exit code %s); failing its %d requests and restarting it",
+                  worker.index, code, len(worker.running))
+        for request in list(worker.running.values()):
+            self._finish(request, error=WorkerRestartedError(
+                f"the model worker running this request stopped (exit code {code}) and is being restarted; "
+                "retry the request"))
+        for q in (worker.inbox, worker.outbox):
+            q.cancel_join_thread()
+            q.close()
+        self._restarts += 1
+        self._spawn(worker)
+
+    def _timings(self, request: PendingRequest, data: dict) -> Timings:
+        now = time.monotonic()
+        queue_time = (request.dispatched_at or now) - request.enqueued_at
+        return Timings(queue=queue_time, prefill=data.get("prefill", 0.0), decode=data.get("decode", 0.0),
+                       vq_decode=data.get("vq_decode", 0.0), total=now - request.enqueued_at)
+
+
+class StopStringDecoder:
+    """Token ids -> text for streaming: holds back incomplete characters and possible stop-string starts."""
+
+    def __init__(self, processor, stop: list[str]):
+        self.processor = processor
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def add(self, token: int) -> bool:
+        self.ids.append(token)
+        text = self.processor.decode(self.ids, skip_special_tokens=True)
+        for stop in self.stop:
+            at = text.find(stop)
+            if at != -1:
+                text = text[:at]
+                self.stopped = True
+        self.text = text
+        return self.stopped
+
+    def flush_ready(self) -> str:
+        """Text safe to send now."""
+        end = len(self.text)
+        if not self.stopped:
+            if self.text.endswith("\ufffd"):
+                end = len(self.text.rstrip("\ufffd"))
+            for stop in self.stop:
+                for k in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text[:end].endswith(stop[:k]):
+                        end = min(end, len(self.text[:end]) - k)
+                        break
+        end = max(end, self.sent)
+        piece = self.text[self.sent:end]
+        self.sent = end
+        return piece
+
+    def flush_all(self) -> str:
+        piece = self.text[self.sent:]
+        self.sent = len(self.text)
+        return piece

@@ -1,0 +1,230 @@
+"""The model worker: a spawned process that owns one Janus on one device.
+
+It loads the model once, says "ready", then loops: take new work and
+cancellations from its inbox, admit what fits into the running batch
+(prefill), run one decode step over every running row, and send what each
+request produced to its outbox. Sequences join and leave between steps.
+
+Messages in:  ("understand", rid, payload) | ("generate", rid, payload) | ("cancel", rid) | ("stop",)
+Messages out: ("ready", info) | ("fatal", message) | ("events", [event, ...], stats)
+An event is (rid, kind, data): kind "token" (id), "progress" (step),
+"text_done" / "images_done" (result dict), "error" (message).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import queue
+import time
+import traceback
+from typing import Any
+
+
+@dataclasses.dataclass
+class WorkerConfig:
+    model_path: str
+    device: str  # "cpu", "auto", or a GPU index
+    dtype: str
+    max_batch_rows: int
+    max_cache_tokens: int
+    max_running_requests: int = 0
+    threads: int | None = None
+    eos_id: int = 0
+    pad_id: int = 0
+
+
+@dataclasses.dataclass
+class RunningRequest:
+    rid: str
+    kind: str
+    rows: int
+    admitted_at: float
+    prefill: float = 0.0
+    decode: float = 0.0
+
+
+def pick_device(requested: str) -> str:
+    import paddle
+
+    if requested == "cpu":
+        return "cpu"
+    has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    if requested == "auto":
+        return "gpu:0" if has_gpu else "cpu"
+    if not has_gpu:
+        raise RuntimeError(f"device {requested!r} asked for, but this Paddle build sees no GPU")
+    return f"gpu:{int(requested)}"
+
+
+def row_length(config: WorkerConfig, max_positions: int) -> int:
+    """Cache positions per row: the token budget shared out over the rows."""
+    return max(1, min(config.max_cache_tokens // config.max_batch_rows, max_positions))
+
+
+def run_worker(config: WorkerConfig, inbox, outbox) -> None:
+    """Process entry point (spawned, so nothing from the parent's memory leaks in)."""
+    if config.threads:
+        os.environ["OMP_NUM_THREADS"] = str(config.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    try:
+        import paddle
+
+        from model.generation import DecodeBatch
+
+        device = pick_device(config.device)
+        paddle.set_device(device)
+        from model.loader import load_model
+
+        dtype = None if config.dtype == "auto" else config.dtype
+        model = load_model(config.model_path, dtype=dtype, device=device)
+        row_len = row_length(config, model.config.language.max_position_embeddings)
+        batch = DecodeBatch(model, slots=config.max_batch_rows, max_len=row_len)
+    except Exception as error:  # noqa: BLE001 - the parent reports it and stops retrying
+        outbox.put(("fatal", f"{type(error).__name__}: {error}"))
+        return
+    outbox.put(("ready", {"device": device, "row_length": row_len, "rows": config.max_batch_rows,
+                          "pid": os.getpid()}))
+    Scheduler(model, batch, config, inbox, outbox).run()
+
+
+class Scheduler:
+    """Admission and stepping for one worker; FIFO admission, every admitted row steps together."""
+
+    def __init__(self, model, batch, config: WorkerConfig, inbox, outbox):
+        self.model = model
+        self.batch = batch
+        self.config = config
+        self.inbox = inbox
+        self.outbox = outbox
+        self.pending: collections.deque = collections.deque()
+        self.running: dict[str, RunningRequest] = {}
+        self.steps = 0
+        self.reported_rows = 0
+        self.events: list[tuple] = []
+
+    def run(self) -> None:
+        while True:
+            idle = not self.running and not self.pending
+            if not self.take_messages(block=idle):
+                return
+            self.admit()
+            if self.running:
+                self.step()
+            self.flush()
+
+    def take_messages(self, *, block: bool) -> bool:
+        """Read the inbox; False on "stop"."""
+        try:
+            message = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind = message[0]
+            if kind == "stop":
+                return False
+            if kind == "cancel":
+                self.cancel(message[1])
+            else:
+                self.pending.append(message)
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def cancel(self, rid: str) -> None:
+        self.pending = collections.deque(m for m in self.pending if m[1] != rid)
+        if self.running.pop(rid, None) is not None:
+            self.batch.remove(rid)
+
+    def admit(self) -> None:
+        while self.pending:
+            kind, rid, payload = self.pending[0]
+            rows = 1 if kind == "understand" else 2 * payload["n"]
+            limit = self.config.max_running_requests
+            if rows > self.batch.pool.free or (limit and len(self.running) >= limit):
+                return
+            self.pending.popleft()
+            request = RunningRequest(rid, kind, rows, time.perf_counter())
+            try:
+                events = self.prefill(kind, rid, payload)
+            except Exception as error:  # noqa: BLE001 - this request fails alone
+                self.batch.remove(rid)
+                self.fail(rid, error)
+                continue
+            request.prefill = time.perf_counter() - request.admitted_at
+            self.running[rid] = request
+            self.handle(events)
+
+    def prefill(self, kind: str, rid: str, payload: dict[str, Any]):
+        import numpy as np
+
+        from model.generation import SamplingParams
+
+        params = SamplingParams(payload["temperature"], payload["top_k"], payload["top_p"])
+        if kind == "understand":
+            return self.batch.add_text(
+                rid, payload["input_ids"], image_mask=payload["image_mask"],
+                pixel_values=payload["pixel_values"], params=params,
+                rng=np.random.default_rng(payload["seed"]), max_new_tokens=payload["max_new_tokens"],
+                eos_id=self.config.eos_id)
+        rngs = [np.random.default_rng(seed) for seed in payload["seeds"]]
+        return self.batch.add_images(
+            rid, payload["prompt_ids"], pad_id=self.config.pad_id, n=payload["n"],
+            cfg_weight=payload["cfg_weight"], params=params, rngs=rngs)
+
+    def step(self) -> None:
+        started = time.perf_counter()
+        try:
+            events = self.batch.step()
+        except Exception:  # noqa: BLE001 - find the sequence at fault by stepping each alone
+            events, failures = self.batch.step_each()
+            for rid, error in failures.items():
+                self.running.pop(rid, None)
+                self.fail(rid, error)
+        elapsed = time.perf_counter() - started
+        self.steps += 1
+        for request in self.running.values():
+            request.decode += elapsed
+        self.handle(events)
+
+    def handle(self, events) -> None:
+        for event in events:
+            rid = event.key
+            if event.kind == "token":
+                self.events.append((rid, "token", event.token))
+            elif event.kind == "progress":
+                self.events.append((rid, "progress", event.step))
+            elif event.kind == "text_done":
+                request = self.running.pop(rid)
+                self.events.append((rid, "text_done", {"finish_reason": event.finish_reason,
+                                                       **self.timings(request)}))
+            elif event.kind == "codes_done":
+                self.finish_images(rid, event.codes)
+
+    def finish_images(self, rid: str, codes) -> None:
+        from model.generation import decode_images
+
+        request = self.running.pop(rid)
+        started = time.perf_counter()
+        try:
+            images = decode_images(self.model, codes)
+        except Exception as error:  # noqa: BLE001
+            self.fail(rid, error)
+            return
+        self.events.append((rid, "images_done", {"images": list(images), **self.timings(request),
+                                                 "vq_decode": time.perf_counter() - started}))
+
+    def timings(self, request: RunningRequest) -> dict[str, float]:
+        return {"prefill": request.prefill, "decode": request.decode}
+
+    def fail(self, rid: str, error: BaseException) -> None:
+        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+        self.events.append((rid, "error", detail))
+
+    def flush(self) -> None:
+        rows = self.batch.rows
+        if self.events or rows != self.reported_rows:
+            self.outbox.put(("events", self.events, {"steps": self.steps, "rows": rows}))
+            self.events = []
+            self.reported_rows = rows

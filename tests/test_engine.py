@@ -1,0 +1,278 @@
+"""The engine client and its worker process, with janus-tiny on CPU."""
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.engine.client import EngineClient
+from server.engine.types import (
+    EngineConfig, GenerateRequest, InvalidRequestError, OverloadedError, ProgressEvent, RequestFailedError,
+    RequestTimeoutError, TokenEvent, UnderstandRequest, WorkerRestartedError,
+)
+
+
+class LoopThread:
+    """An event loop in a thread, so one engine can serve several tests."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def start_engine(loop: LoopThread, home, **overrides) -> EngineClient:
+    config = EngineConfig(model="janus-tiny", home=str(home), devices=["cpu"], threads=1, **overrides)
+
+    async def start():
+        engine = EngineClient(config)
+        await engine.start()
+        await engine.wait_ready(timeout=120)
+        return engine
+
+    return loop.run(start())
+
+
+def worker_pids(engine: EngineClient) -> list[int]:
+    return [w.process.pid for w in engine._workers if w.process is not None]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def picture(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (48 + seed, 64, 3), dtype=np.uint8))
+
+
+def understand_request(picture_id: int, **kw) -> UnderstandRequest:
+    return UnderstandRequest(
+        messages=[{"role": "user", "content": f"What is in picture {picture_id}?", "images": 1}],
+        images=[picture(picture_id)], **{"max_new_tokens": 12, **kw})
+
+
+@pytest.fixture(scope="module")
+def loop():
+    runner = LoopThread()
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def engine(loop, tmp_path_factory):
+    engine = start_engine(loop, tmp_path_factory.mktemp("home"), max_batch_rows=24, max_cache_tokens=24 * 1024)
+    yield engine
+    pids = worker_pids(engine)
+    loop.run(engine.stop())
+    assert not any(pid_alive(pid) for pid in pids), "engine shutdown left a worker process behind"
+
+
+def mixed_requests():
+    """16 requests: 5 text-to-image (6 images, sampled with seeds) and 11 understanding (greedy and sampled)."""
+    requests = []
+    for i in range(16):
+        if i % 3 == 1:
+            requests.append(GenerateRequest(prompt=f"a red circle number {i}", n=2 if i == 4 else 1, seed=100 + i,
+                                            temperature=1.0, top_k=0 if i % 2 else 20))
+        else:
+            sampled = {"temperature": 0.8, "top_p": 0.9, "seed": i} if i % 2 else {}
+            requests.append(understand_request(i, **sampled))
+    return requests
+
+
+def outcome(result):
+    if hasattr(result, "images"):
+        return ("images", [img.tobytes() for img in result.images], result.seeds)
+    return ("text", result.token_ids, result.finish_reason)
+
+
+async def run_one(engine, request):
+    if isinstance(request, GenerateRequest):
+        return await engine.generate_images(request)
+    return await engine.understand(request)
+
+
+def test_concurrent_mixed_requests_equal_one_by_one(loop, engine):
+    requests = mixed_requests()
+
+    async def concurrently():
+        return await asyncio.gather(*(run_one(engine, r) for r in requests))
+
+    async def one_by_one():
+        return [await run_one(engine, r) for r in requests]
+
+    together = loop.run(concurrently())
+    alone = loop.run(one_by_one())
+    assert [outcome(r) for r in together] == [outcome(r) for r in alone]
+    for request, result in zip(requests, together):
+        if isinstance(request, GenerateRequest):
+            assert len(result.images) == request.n and result.images[0].shape == (384, 384, 3)
+            assert result.seeds == [request.seed + i for i in range(request.n)]
+            assert result.usage.images == request.n
+        else:
+            assert result.usage.prompt_tokens > 576 and result.usage.completion_tokens == len(result.token_ids)
+            assert result.timings.total >= result.timings.prefill > 0
+    assert engine.stats().running_rows == 0
+
+
+def test_understanding_joins_a_running_generation_batch(loop, engine):
+    async def scenario():
+        marks = {}
+
+        async def generate():
+            async for event in engine.generate_images_stream(GenerateRequest(prompt="a tree", seed=1)):
+                if isinstance(event, ProgressEvent) and event.step == 100:
+                    marks["step100"] = time.monotonic()
+            marks["generate_done"] = time.monotonic()
+
+        async def understand():
+            while "step100" not in marks:
+                await asyncio.sleep(0.005)
+            await engine.understand(understand_request(3, max_new_tokens=4))
+            marks["understand_done"] = time.monotonic()
+
+        await asyncio.gather(generate(), understand())
+        return marks
+
+    marks = loop.run(scenario())
+    assert marks["step100"] < marks["understand_done"] < marks["generate_done"]
+
+
+def test_streaming_understanding_yields_tokens_then_result(loop, engine):
+    async def scenario():
+        items = [item async for item in engine.understand_stream(understand_request(7, max_new_tokens=10))]
+        return items, await engine.understand(understand_request(7, max_new_tokens=10))
+
+    items, whole = loop.run(scenario())
+    *tokens, result = items
+    assert all(isinstance(t, TokenEvent) for t in tokens)
+    assert "".join(t.text for t in tokens) == result.text == whole.text
+    assert result.timings.first_token is not None
+
+
+def test_stop_string_ends_the_answer(loop, engine):
+    full = loop.run(engine.understand(understand_request(2, max_new_tokens=16)))
+    assert len(full.text) > 4
+    stop = full.text[2:4]
+    cut = loop.run(engine.understand(understand_request(2, max_new_tokens=16, stop=[stop])))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+
+
+def test_cancelled_request_frees_its_rows(loop, engine):
+    async def scenario():
+        stream = engine.generate_images_stream(GenerateRequest(prompt="a boat", n=3, seed=2))
+        async for event in stream:
+            if isinstance(event, ProgressEvent) and event.step >= 5:
+                break
+        during = engine.stats()
+        await stream.aclose()
+        after = engine.stats().running_rows
+        deadline = time.monotonic() + 10
+        while engine.stats().worker_rows and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return during, after, engine.stats().worker_rows
+
+    during, after, worker_rows = loop.run(scenario())
+    assert during.running_rows == 6 and during.worker_rows == 6
+    assert after == 0 and worker_rows == 0
+
+
+def test_too_long_prompt_is_refused(loop, engine):
+    with pytest.raises(InvalidRequestError) as info:
+        loop.run(engine.understand(understand_request(1, max_new_tokens=900)))
+    assert info.value.param == "messages"
+
+
+def test_failure_in_the_model_fails_that_request_alone(loop, engine):
+    async def scenario():
+        good = asyncio.create_task(engine.understand(understand_request(5, max_new_tokens=30)))
+        await asyncio.sleep(0.05)
+        bad = engine._enqueue("bad-1", "understand", {
+            "input_ids": np.array([1, 2, 3], np.int64), "image_mask": np.array([False, True, True]),
+            "pixel_values": np.zeros((1, 3, 384, 384), np.float32), "temperature": 0.0, "top_k": 0,
+            "top_p": 1.0, "seed": None, "max_new_tokens": 4}, rows=1, timeout=None)
+        with pytest.raises(RequestFailedError, match="image positions"):
+            await engine._next_event(bad)
+        return await good
+
+    assert loop.run(scenario()).finish_reason in ("stop", "length")
+
+
+def test_full_queue_answers_overloaded_at_once(loop, tmp_path):
+    engine = start_engine(loop, tmp_path, max_batch_rows=1, max_queue=2)
+    try:
+        async def scenario():
+            running = [asyncio.create_task(engine.understand(understand_request(i, max_new_tokens=40)))
+                       for i in range(3)]
+            await asyncio.sleep(0.3)
+            assert engine.stats().queue_length == 2
+            started = time.monotonic()
+            with pytest.raises(OverloadedError) as info:
+                await engine.understand(understand_request(9))
+            refused_in = time.monotonic() - started
+            done = await asyncio.gather(*running)
+            return info.value, refused_in, done
+
+        error, refused_in, done = loop.run(scenario())
+        assert refused_in < 0.5 and error.retry_after >= 1
+        assert all(r.finish_reason in ("stop", "length") for r in done)
+    finally:
+        loop.run(engine.stop())
+
+
+def test_killed_worker_fails_running_requests_and_serves_waiting_ones(loop, tmp_path):
+    engine = start_engine(loop, tmp_path, max_batch_rows=4, max_queue=8)
+    try:
+        async def scenario():
+            running = [asyncio.create_task(engine.generate_images(GenerateRequest(prompt=f"r{i}", seed=i)))
+                       for i in range(2)]
+            waiting = [asyncio.create_task(engine.understand(understand_request(i, max_new_tokens=3)))
+                       for i in range(3)]
+            while engine.stats().steps_total < 20:
+                await asyncio.sleep(0.01)
+            assert engine.stats().queue_length == 3
+            old = worker_pids(engine)[0]
+            os.kill(old, signal.SIGKILL)
+            failed = await asyncio.gather(*running, return_exceptions=True)
+            served = await asyncio.gather(*waiting)
+            return old, failed, served
+
+        old, failed, served = loop.run(scenario())
+        assert all(isinstance(f, WorkerRestartedError) for f in failed)
+        assert all(r.finish_reason in ("stop", "length") for r in served)
+        assert worker_pids(engine)[0] != old and engine.stats().worker_restarts_total == 1
+    finally:
+        pids = worker_pids(engine)
+        loop.run(engine.stop())
+        assert not any(pid_alive(pid) for pid in pids)
+
+
+def test_request_timeout(loop, tmp_path):
+    engine = start_engine(loop, tmp_path, request_timeout=0.5)
+    try:
+        with pytest.raises(RequestTimeoutError):
+            loop.run(engine.generate_images(GenerateRequest(prompt="slow", n=2)))
+        assert engine.stats().running_rows == 0
+    finally:
+        loop.run(engine.stop())
