@@ -258,9 +258,7 @@ class DecodeBatch:
         return events
 
     def _forward(self, embeds, slots: list[int], starts: list[int]):
-        return self.model.forward_hidden(
-            embeds, self.cache, paddle.to_tensor(np.asarray(slots, np.int64)),
-            paddle.to_tensor(np.asarray(starts, np.int64)))
+        return self.model.forward_hidden(embeds, self.cache, np.asarray(slots, np.int64), np.asarray(starts, np.int64))
 
     def _accept_text(self, seq: TextSequence, logits: np.ndarray) -> list[StepEvent]:
         token = sample_token(logits, seq.params, seq.rng)
