@@ -121,7 +121,7 @@ async def handle_api_error(request: Request, exc: APIError) -> Response:
 async def handle_engine_error(request: Request, exc: EngineError) -> Response:
     status, body, headers = engine_error_parts(exc)
     if status >= 500:
-        log.error("engine failure %s: %s", exc.code, exc.message)
+        log.log(logging.ERROR if status == 500 else logging.WARNING, "engine: %s: %s", exc.code, exc.message)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

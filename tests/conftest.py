@@ -1,5 +1,8 @@
+from __future__ import annotations
+
 import os
 
+# before anything imports paddle, which otherwise pins one thread
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import asyncio  # noqa: E402
@@ -7,25 +10,26 @@ import base64  # noqa: E402
 import io  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Coroutine, Iterator  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
-from collections.abc import Coroutine  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 import uvicorn  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from server.app import create_app  # noqa: E402
-from server.engine.client import EngineClient  # noqa: E402
-from server.settings import Settings  # noqa: E402
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from server.engine.client import EngineClient
+    from server.settings import Settings
 
 API_KEY = "test-key"
 MODEL_ID = "janus-tiny"
+GENERATE_PROMPT = "a red square on a white table"
 GOLDEN_IMAGES = Path(__file__).parent / "golden" / "janus-tiny" / "images"
 ENGINE_READY_TIMEOUT = 300
 
@@ -49,7 +53,7 @@ def sse_payloads(lines: list[str]) -> list[str]:
 class LiveServer:
     base_url: str
     app: FastAPI
-    servers: "ServerLoop"
+    servers: ServerLoop
 
     @property
     def engine(self) -> EngineClient:
@@ -78,6 +82,8 @@ class ServerLoop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def start(self, settings: Settings, engine: EngineClient | None = None) -> LiveServer:
+        from server.app import create_app
+
         app = create_app(settings, engine)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -104,6 +110,8 @@ async def wait_until_started(server: uvicorn.Server) -> None:
 
 
 def server_settings(home: Path, **overrides: Any) -> Settings:
+    from server.settings import Settings
+
     values: dict[str, Any] = dict(
         model=MODEL_ID,
         home=str(home),
@@ -157,14 +165,17 @@ def public_images_server(server: LiveServer, server_loop: ServerLoop, janus_home
 @pytest.fixture(scope="session")
 def unstarted_server(server: LiveServer, server_loop: ServerLoop, janus_home: Path) -> LiveServer:
     """An engine that was never started: /ready and every model route answer 503."""
+    from server.engine.client import EngineClient
+
     settings = server_settings(janus_home)
     return server_loop.start(settings, engine=EngineClient(settings.engine_config()))
 
 
 @pytest.fixture(scope="session")
 def short_timeout_server(server: LiveServer, server_loop: ServerLoop, janus_home: Path) -> LiveServer:
-    """Shares the engine; requests time out after a second, before an image is done."""
-    return server_loop.start(server_settings(janus_home, request_timeout=1.0), engine=server.engine)
+    """Shares the engine; requests time out after a second, before an image or 1900 tokens are done."""
+    settings = server_settings(janus_home, request_timeout=1.0, max_new_tokens_limit=1900)
+    return server_loop.start(settings, engine=server.engine)
 
 
 class ImageHostHandler(BaseHTTPRequestHandler):
@@ -215,3 +226,11 @@ def image_png() -> bytes:
 @pytest.fixture(scope="session")
 def golden_png() -> bytes:
     return (GOLDEN_IMAGES / "img0_rgb_300x200.png").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def generated(client: httpx.Client) -> dict[str, Any]:
+    """One /generate answer (n=2, seed 42); image generation is slow on CPU, so tests compare against it."""
+    response = client.post("/generate", json={"prompt": GENERATE_PROMPT, "n": 2, "seed": 42})
+    assert response.status_code == 200, response.text[:500]
+    return response.json()

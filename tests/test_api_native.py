@@ -6,7 +6,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from conftest import data_url, png_bytes, sse_payloads
+from conftest import GENERATE_PROMPT, data_url, png_bytes, sse_payloads
 from server.engine.types import GenerateRequest, UnderstandRequest
 
 QUESTION = "What is in this picture?"
@@ -96,42 +96,56 @@ def test_understand_stop_string_ends_the_text(client, golden_png):
     assert full.startswith(stopped["text"])
 
 
-def test_generate_json_is_the_engines_images(server, client):
-    response = client.post("/generate", json={"prompt": "a red square", "n": 2, "seed": 42, "temperature": 1.0})
-    assert response.status_code == 200, response.text
-    answer = response.json()
-    assert len(answer["images"]) == 2
-    assert answer["usage"]["images"] == 2
-    expected = server.run(server.engine.generate_images(GenerateRequest(prompt="a red square", n=2, seed=42)))
-    assert [image["seed"] for image in answer["images"]] == expected.seeds
-    for image, array in zip(answer["images"], expected.images):
-        assert np.array_equal(pixels(image["b64_json"]), array)
+def test_generate_json_answer(generated):
+    assert len(generated["images"]) == 2
+    assert generated["usage"]["images"] == 2
+    first, second = (pixels(image["b64_json"]) for image in generated["images"])
+    assert generated["images"][0]["seed"] == 42
+    assert not np.array_equal(first, second), "two samples of one request came out identical"
 
 
-def test_generate_png_and_multipart_agree_for_one_seed(client):
-    png = client.post("/generate", json={"prompt": "a blue circle", "seed": 7, "response_format": "png"})
-    assert png.status_code == 200, png.text
-    assert png.headers["content-type"] == "image/png"
-    assert png.headers["x-seed"] == "7"
+def test_an_images_seed_gives_it_again_through_the_engine(server, generated):
+    image = generated["images"][1]
+    expected = server.run(server.engine.generate_images(GenerateRequest(prompt=GENERATE_PROMPT, seed=image["seed"])))
+    assert expected.seeds == [image["seed"]]
+    assert np.array_equal(pixels(image["b64_json"]), expected.images[0])
+
+
+def test_generate_multipart_png(client, generated):
+    image = generated["images"][0]
     # (None, value) parts are plain form fields; httpx sends multipart/form-data when `files` is given
-    multipart = client.post("/generate", files={"prompt": (None, "a blue circle"), "seed": (None, "7")})
-    assert multipart.status_code == 200, multipart.text
-    image = multipart.json()["images"][0]
-    assert image["seed"] == 7
-    assert np.array_equal(pixels(image["b64_json"]), np.asarray(rgb(png.content)))
+    fields = {"prompt": GENERATE_PROMPT, "seed": str(image["seed"]), "response_format": "png"}
+    response = client.post("/generate", files={name: (None, value) for name, value in fields.items()})
+    assert response.status_code == 200, response.text[:500]
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["x-seed"] == str(image["seed"])
+    assert np.array_equal(np.asarray(rgb(response.content)), pixels(image["b64_json"]))
 
 
-def test_generate_stream_reports_progress_then_the_images(client):
-    with client.stream("POST", "/generate", json={"prompt": "a green tree", "seed": 5, "stream": True}) as response:
+def test_generate_stream_reports_progress_then_the_images(client, generated):
+    image = generated["images"][0]
+    body = {"prompt": GENERATE_PROMPT, "seed": image["seed"], "stream": True}
+    with client.stream("POST", "/generate", json=body) as response:
         assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(payload) for payload in sse_payloads(list(response.iter_lines()))]
     *progress, final = events
     assert progress, "no progress events"
     steps = [event["step"] for event in progress]
     assert steps == sorted(steps) and steps[-1] <= 576
     assert {event["total"] for event in progress} == {576}
-    assert len(final["images"]) == 1 and final["images"][0]["seed"] == 5
-    pixels(final["images"][0]["b64_json"])
+    assert [streamed["seed"] for streamed in final["images"]] == [image["seed"]]
+    assert np.array_equal(pixels(final["images"][0]["b64_json"]), pixels(image["b64_json"]))
+    assert final["usage"]["images"] == 1
+
+
+def test_edge_parameter_values_are_served(client):
+    edges = {"seed": 2**63 - 1, "top_k": 10**9, "top_p": 1e-6, "temperature": 2.0}
+    understood = client.post("/understand", json={"question": "Hi", "max_new_tokens": 3, **edges})
+    assert understood.status_code == 200, understood.text[:500]
+    drawn = client.post("/generate", json={"prompt": "x", "cfg_weight": 0, "response_format": "png", **edges})
+    assert drawn.status_code == 200, drawn.text[:500]
+    assert drawn.headers["x-seed"] == str(2**63 - 1)
 
 
 def test_request_id_is_echoed_or_created(client):

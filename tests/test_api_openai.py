@@ -7,7 +7,7 @@ import openai
 import pytest
 from PIL import Image
 
-from conftest import API_KEY, MODEL_ID, data_url
+from conftest import API_KEY, GENERATE_PROMPT, MODEL_ID, data_url
 from server.engine.types import UnderstandRequest
 
 
@@ -105,15 +105,15 @@ def test_chat_stream_without_usage(sdk):
     assert all(chunk.usage is None for chunk in chunks)
 
 
-def test_images_generate_equals_native_generate(sdk, client):
-    result = sdk.images.generate(prompt="a yellow star", n=1, size="384x384", response_format="b64_json",
-                                 extra_body={"seed": 21, "guidance_scale": 5.0})
-    native = client.post("/generate", json={"prompt": "a yellow star", "seed": 21, "cfg_weight": 5.0}).json()
+def test_images_generate_equals_native_generate(sdk, generated):
+    image = generated["images"][1]
+    result = sdk.images.generate(prompt=GENERATE_PROMPT, n=1, size="384x384", response_format="b64_json",
+                                 extra_body={"seed": image["seed"], "guidance_scale": 5.0})
     assert len(result.data) == 1
-    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
-    assert image.size == (384, 384)
-    native_image = Image.open(io.BytesIO(base64.b64decode(native["images"][0]["b64_json"])))
-    assert np.array_equal(np.asarray(image), np.asarray(native_image))
+    drawn = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert drawn.size == (384, 384)
+    native = Image.open(io.BytesIO(base64.b64decode(image["b64_json"])))
+    assert np.array_equal(np.asarray(drawn), np.asarray(native))
 
 
 def test_sdk_raises_the_matching_errors(server, sdk):

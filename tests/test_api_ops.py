@@ -139,8 +139,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def session_processes_gone(session: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = subprocess.run(["pgrep", "-a", "-s", str(session)], capture_output=True, text=True).stdout
+        if not listed.strip():
+            return True
+        time.sleep(0.2)
+    print("still running:", listed)
+    return False
+
+
 def test_serve_command_drains_on_sigterm(janus_home, server):
-    """`janus-server serve` comes up, answers, and on SIGTERM stops with its workers and exit code 0."""
+    """`janus-server serve` comes up, answers, and on SIGTERM shuts down cleanly, workers included."""
     port = free_port()
     env = {**os.environ, "JANUS_LOG_JSON": "false", "JANUS_HOME": str(janus_home)}
     command = [sys.executable, "-m", "server.cli", "serve", "--model", MODEL_ID, "--devices", "cpu",
@@ -168,9 +179,10 @@ def test_serve_command_drains_on_sigterm(janus_home, server):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert process.returncode == 0, output.decode(errors="replace")[-3000:]
-    leftover = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()
-    assert leftover == [], "worker processes outlived the server"
+    # uvicorn re-raises the SIGTERM once it has shut down cleanly
+    assert process.returncode in (0, -signal.SIGTERM), output.decode(errors="replace")[-3000:]
+    assert b"Application shutdown complete" in output
+    assert session_processes_gone(process.pid, timeout=10), "processes of the server outlived it"
 
 
 @pytest.mark.parametrize("argv", [["serve", "--port", "70000"], ["serve", "--dtype", "int3"]])
