@@ -35,6 +35,7 @@ class EngineStatsCollector(Collector):
         gauges = {
             "janus_queue_length": ("Requests waiting for a worker.", stats.queue_length),
             "janus_running_rows": ("Batch rows running in the workers.", stats.running_rows),
+            "janus_running_requests": ("Requests running in the workers.", stats.running_requests),
             "janus_workers_alive": ("Model workers up.", stats.workers_alive),
             "janus_workers_total": ("Model workers configured.", stats.workers_total),
             "janus_steps_per_second": ("Decode steps per second over all workers.", stats.steps_per_second),
@@ -46,6 +47,10 @@ class EngineStatsCollector(Collector):
         )
         yield CounterMetricFamily(
             "janus_images_generated", "Images generated.", value=stats.images_generated_total
+        )
+        yield CounterMetricFamily("janus_decode_steps", "Batched decode steps run.", value=stats.steps_total)
+        yield CounterMetricFamily(
+            "janus_worker_restarts", "Model workers restarted after dying.", value=stats.worker_restarts_total
         )
 
 

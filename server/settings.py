@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="Requests waiting before the server answers 429.")
     max_batch_rows: int = Field(32, ge=1, description="Rows in one worker batch (1 per text request, 2 per image).")
     max_cache_tokens: int = Field(65536, ge=1, description="KV-cache positions per worker.")
+    max_running_requests: int = Field(
+        0, ge=0, description="Requests running at once per worker; 0: as many as the rows allow, 1: no batching."
+    )
     request_timeout: float = Field(600.0, gt=0, description="Seconds a request may wait and run before 504.")
     offline: bool = Field(False, description="Never download a model.")
     allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs in requests.")
@@ -70,6 +73,7 @@ class Settings(BaseSettings):
             max_queue=self.max_queue,
             max_batch_rows=self.max_batch_rows,
             max_cache_tokens=self.max_cache_tokens,
+            max_running_requests=self.max_running_requests,
             request_timeout=self.request_timeout,
             offline=self.offline,
             threads=self.threads,

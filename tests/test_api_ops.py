@@ -56,7 +56,9 @@ def test_metrics_count_requests_and_read_engine_stats(server, client):
     assert samples["janus_workers_total"][0].value == 1
     assert samples["janus_tokens_generated_total"][0].value >= 1
     assert "janus_queue_length" in samples and "janus_running_rows" in samples
-    assert "janus_images_generated_total" in samples
+    assert "janus_images_generated_total" in samples and "janus_running_requests" in samples
+    assert samples["janus_decode_steps_total"][0].value >= 1
+    assert samples["janus_worker_restarts_total"][0].value == 0
 
 
 def test_openapi_documents_both_body_types_and_the_defaults(server):
@@ -93,6 +95,10 @@ def test_one_access_log_line_per_request_with_usage(client):
     try:
         client.post("/understand", json={"question": "Hi", "max_new_tokens": 2}, headers={"X-Request-Id": "log-1"})
         client.get("/health", headers={"X-Request-Id": "log-2"})
+        # the line is written once the response is sent, so it may come a moment after the client has it
+        deadline = time.monotonic() + 5
+        while len(records.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         access.removeHandler(records)
     by_id = {record.fields["request_id"]: record.fields for record in records.records}
