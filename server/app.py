@@ -94,12 +94,21 @@ class RequestMiddleware:
         state = scope.setdefault("state", {})
         state.update(request_id=request_id, engine_request_id=engine_request_id)
         status = 0
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                self.record_request(scope, status, time.perf_counter() - started)
 
         async def send_with_request_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            elif not message.get("more_body", False):
+                record()  # before the last byte leaves, so a client's next request sees this one counted
             await send(message)
 
         try:
@@ -120,23 +129,26 @@ class RequestMiddleware:
             if status == 0:
                 await internal_error_response(request_id)(scope, receive, send_with_request_id)
         finally:
-            duration = time.perf_counter() - started
-            route = scope.get("route")
-            route_path = getattr(route, "path", "unmatched")
-            self.metrics.observe_request(scope["method"], route_path, status, duration)
-            client = scope.get("client")
-            access_log.info(
-                "%s %s %s", scope["method"], scope["path"], status,
-                extra={"fields": {
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_s": round(duration, 4),
-                    "request_id": request_id,
-                    "client": client[0] if client else None,
-                    "usage": state.get("usage"),
-                }},
-            )
+            record()
+
+    def record_request(self, scope: Scope, status: int, duration: float) -> None:
+        """The request metrics and the access log line."""
+        route_path = getattr(scope.get("route"), "path", "unmatched")
+        self.metrics.observe_request(scope["method"], route_path, status, duration)
+        state = scope["state"]
+        client = scope.get("client")
+        access_log.info(
+            "%s %s %s", scope["method"], scope["path"], status,
+            extra={"fields": {
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "duration_s": round(duration, 4),
+                "request_id": state["request_id"],
+                "client": client[0] if client else None,
+                "usage": state.get("usage"),
+            }},
+        )
 
 
 def replay_body(body: bytes, receive: Receive) -> Receive:
