@@ -218,6 +218,7 @@ class JanusConfig:
         """HF-style config.json content (the layout of the real deepseek-ai/Janus-1.3B file, plus sizes)."""
         lm, vision, vq = self.language, self.vision, self.gen_vision
         return {
+            "_name_or_path": self.name,
             "architectures": ["MultiModalityCausalLM"],
             "model_type": "multi_modality",
             "torch_dtype": "float32",

@@ -1,0 +1,199 @@
+"""Config reading and the checkpoint loader: both release layouts, shards, dtypes, and clear failures."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from model.config import ConfigError, JanusConfig, expected_hf_shapes
+from model.loader import CheckpointError, load_model
+import checkpoints
+from checkpoints import GOLDEN
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_model(GOLDEN)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    with np.load(GOLDEN / "cases.npz") as data:
+        return {name: data[name] for name in ("understanding.conv1.inputs_embeds", "understanding.conv1.prefill_logits")}
+
+
+def parameters(model) -> dict[str, np.ndarray]:
+    return {name: param.numpy() for name, param in model.named_parameters()}
+
+
+def assert_same_parameters(model, reference):
+    actual, expected = parameters(model), parameters(reference)
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
+def golden_config() -> dict:
+    return json.loads((GOLDEN / "config.json").read_text())
+
+
+def test_golden_config_file():
+    config = JanusConfig.from_file(GOLDEN / "config.json")
+    lm = config.language
+    assert (lm.vocab_size, lm.hidden_size, lm.intermediate_size, lm.num_hidden_layers) == (600, 64, 128, 2)
+    assert (lm.num_attention_heads, lm.num_key_value_heads, lm.rms_norm_eps, lm.rope_theta) == (4, 4, 1e-6, 10000.0)
+    assert (config.vision.width, config.vision.depth, config.vision.heads, config.vision.mlp_dim) == (32, 2, 2, 128)
+    assert config.num_image_tokens == 576 and config.image_size == 384
+    assert (config.aligner.input_dim, config.aligner.n_embed) == (32, 64)
+    assert (config.gen_aligner.input_dim, config.gen_aligner.n_embed) == (8, 64)
+    assert (config.image_token_size, config.image_token_embed_dim) == (64, 8)
+    assert config.gen_vision.ch == 32 and config.gen_vision.codebook_size == 64
+
+
+def test_presets():
+    janus = JanusConfig.from_name("deepseek-ai/Janus-1.3B")
+    assert (janus.language.hidden_size, janus.language.num_hidden_layers, janus.language.vocab_size) == (2048, 24, 102400)
+    assert (janus.vision.width, janus.vision.depth, janus.vision.heads) == (1024, 24, 16)
+    assert janus.gen_head.image_token_size == 16384 and janus.gen_vision.z_channels == 256
+    assert janus.chat_roles == ("User", "Assistant")
+    assert JanusConfig.from_name("deepseek-ai/Janus-Pro-1B").chat_roles == ("<|User|>", "<|Assistant|>")
+    pro7 = JanusConfig.from_name("deepseek-ai/Janus-Pro-7B")
+    assert (pro7.language.hidden_size, pro7.language.num_hidden_layers, pro7.aligner.n_embed) == (4096, 30, 4096)
+    tiny = JanusConfig.from_name("janus-tiny")
+    assert expected_hf_shapes(tiny) == expected_hf_shapes(JanusConfig.from_file(GOLDEN / "config.json"))
+    with pytest.raises(ConfigError, match="unknown model name"):
+        JanusConfig.from_name("gpt2")
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = JanusConfig.from_name("janus-tiny")
+    config.to_json(tmp_path / "config.json")
+    assert JanusConfig.from_file(tmp_path / "config.json") == config
+
+
+def test_language_config_defaults_to_llama():
+    raw = golden_config()
+    raw["language_config"] = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}
+    lm = JanusConfig.from_dict(raw).language
+    assert (lm.intermediate_size, lm.num_hidden_layers, lm.vocab_size, lm.max_position_embeddings) == (11008, 32, 32000, 2048)
+    assert (lm.num_key_value_heads, lm.rms_norm_eps, lm.rope_theta) == (4, 1e-6, 10000.0)
+
+
+def test_not_a_janus_config():
+    llama = {"model_type": "llama", "hidden_size": 64, "architectures": ["LlamaForCausalLM"]}
+    with pytest.raises(ConfigError, match="not a Janus config"):
+        JanusConfig.from_dict(llama)
+
+
+def test_expected_shapes_are_the_golden_tensors_minus_the_unused_ones():
+    tensors = checkpoints.golden_tensors()
+    expected = expected_hf_shapes(JanusConfig.from_file(GOLDEN / "config.json"))
+    assert {k: tuple(v.shape) for k, v in tensors.items() if k in expected} == expected
+    unused = sorted({k.split(".")[1] if k.startswith("gen_vision") else k.split(".")[2] for k in tensors if k not in expected})
+    assert unused == ["attn_pool", "encoder", "quant_conv", "quantize"]
+
+
+def test_paddlenlp_layout_loads_the_same_model(tmp_path, reference, cases):
+    folder = checkpoints.write_paddlenlp(tmp_path / "paddlenlp")
+    model = load_model(folder)
+    assert_same_parameters(model, reference)
+    embeds = cases["understanding.conv1.inputs_embeds"]
+    cache = model.new_cache(1, embeds.shape[1])
+    logits = model.text_logits(model.forward_hidden(embeds, cache, [0], [0])).numpy()
+    np.testing.assert_allclose(logits, cases["understanding.conv1.prefill_logits"], rtol=0, atol=1e-4)
+
+
+def test_sharded_safetensors_load(tmp_path, reference):
+    assert_same_parameters(load_model(checkpoints.write_sharded(tmp_path / "sharded")), reference)
+
+
+def test_bfloat16_weights_are_upcast_to_float32(tmp_path):
+    model = load_model(checkpoints.write_bfloat16(tmp_path / "bf16"))
+    weight = model.language_model.lm_head.weight
+    assert str(weight.dtype) == "paddle.float32"
+    golden = checkpoints.golden_tensors()["language_model.lm_head.weight"]
+    upcast = (checkpoints.to_bfloat16_bits(golden).astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(weight.numpy(), upcast.T)
+
+
+def test_half_precision_on_cpu_loads_float32():
+    with pytest.warns(UserWarning, match="float32"):
+        model = load_model(GOLDEN, dtype="bfloat16")
+    assert str(model.language_model.lm_head.weight.dtype) == "paddle.float32"
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="folder not found"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_missing_config(tmp_path):
+    folder = checkpoints.write_sharded(tmp_path / "model")
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_model(folder)
+
+
+def test_missing_weights(tmp_path):
+    folder = checkpoints.copy_side_files(tmp_path / "model")
+    with pytest.raises(CheckpointError, match="no weights.*model.safetensors"):
+        load_model(folder)
+
+
+def test_missing_shard(tmp_path):
+    folder = checkpoints.write_sharded(tmp_path / "model")
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors"):
+        load_model(folder)
+
+
+def test_truncated_safetensors(tmp_path):
+    folder = checkpoints.copy_side_files(tmp_path / "model")
+    shutil.copy(GOLDEN / "model.safetensors", folder / "model.safetensors")
+    checkpoints.truncate(folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(folder)
+
+
+def test_truncated_pdparams(tmp_path):
+    folder = checkpoints.write_paddlenlp(tmp_path / "model")
+    checkpoints.truncate(folder / "model_state.pdparams")
+    with pytest.raises(CheckpointError, match="model_state.pdparams"):
+        load_model(folder)
+
+
+def test_missing_key(tmp_path):
+    tensors = checkpoints.golden_tensors()
+    del tensors["language_model.model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"missing keys: language_model\.model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(checkpoints.write_safetensors(tmp_path / "model", tensors))
+
+
+def test_unexpected_key(tmp_path):
+    tensors = checkpoints.golden_tensors()
+    tensors["language_model.model.layers.2.mlp.up_proj.weight"] = np.zeros((128, 64), np.float32)
+    with pytest.raises(CheckpointError, match=r"unexpected keys: language_model\.model\.layers\.2\.mlp\.up_proj"):
+        load_model(checkpoints.write_safetensors(tmp_path / "model", tensors))
+
+
+def test_shape_mismatch(tmp_path):
+    tensors = checkpoints.golden_tensors()
+    tensors["gen_head.vision_head.weight"] = np.zeros((65, 64), np.float32)
+    with pytest.raises(CheckpointError, match=r"gen_head\.vision_head\.weight: checkpoint \[65, 64\], model \[64, 64\]"):
+        load_model(checkpoints.write_safetensors(tmp_path / "model", tensors))
+
+
+def test_config_disagreeing_with_weights(tmp_path):
+    config = golden_config()
+    config["language_config"]["intermediate_size"] = 256
+    with pytest.raises(CheckpointError, match="shape mismatches: language_model.model.layers.0.mlp"):
+        load_model(checkpoints.write_safetensors(tmp_path / "model", checkpoints.golden_tensors(), config))
+
+
+def test_not_a_janus_config_folder(tmp_path):
+    folder = checkpoints.write_sharded(tmp_path / "model")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ConfigError, match="not a Janus config"):
+        load_model(folder)
