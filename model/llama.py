@@ -49,7 +49,7 @@ class _Step:
     """What every layer of one forward call shares: rotary tables, cache addresses and the attention mask."""
 
     cos: paddle.Tensor  # [B, T, 1, head_dim]
-    sin: paddle.Tensor
+    sin_signed: paddle.Tensor  # sin with its first half negated: rotate_half(x) * sin == roll(x) * sin_signed
     write_block: paddle.Tensor  # [B, T] int64
     write_slot: paddle.Tensor
     write_offset: paddle.Tensor
@@ -68,11 +68,6 @@ def rotary_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndar
     freqs = positions.astype(np.float32)[..., None] * inv_freq
     angles = np.concatenate([freqs, freqs], axis=-1)
     return np.cos(angles), np.sin(angles)
-
-
-def rotate_half(x: paddle.Tensor) -> paddle.Tensor:
-    x1, x2 = paddle.chunk(x, 2, axis=-1)
-    return paddle.concat([-x2, x1], axis=-1)
 
 
 class RMSNorm(nn.Layer):
@@ -106,7 +101,7 @@ class Attention(nn.Layer):
         qk, v = paddle.split(qkv, [(heads + kv_heads) * head_dim, kv_heads * head_dim], axis=-1)
         # Rotate q and k in one pass: they share positions.
         qk = qk.reshape([batch, length, heads + kv_heads, head_dim])
-        qk = qk * step.cos + rotate_half(qk) * step.sin
+        qk = qk * step.cos + paddle.roll(qk, head_dim // 2, axis=-1) * step.sin_signed
         q, k = paddle.split(qk, [heads, kv_heads], axis=2)
         k_cache[step.write_block, step.write_slot, :, step.write_offset] = k
         v_cache[step.write_block, step.write_slot, :, step.write_offset] = v.reshape([batch, length, kv_heads, head_dim])
@@ -204,7 +199,8 @@ class LlamaModel(nn.Layer):
             raise ValueError(f"positions start {start.tolist()} + {length} tokens exceed the cache length {cache.max_len}")
         positions = start[:, None] + np.arange(length, dtype=np.int64)[None, :]
         cos, sin = rotary_cos_sin(positions, self.inv_freq)
-        dtype = cache.k[0].dtype
+        half = sin.shape[-1] // 2
+        sin[..., :half] *= -1
         block_size = cache.block_size
         read_blocks = -(-(int(positions.max()) + 1) // block_size)
         key_positions = np.arange(read_blocks * block_size, dtype=np.int64).reshape(read_blocks, 1, 1, block_size)
@@ -212,15 +208,16 @@ class LlamaModel(nn.Layer):
         mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf))
         mask = mask.reshape(read_blocks, batch, 1, 1, length, block_size)
         every_slot = batch == cache.num_slots and bool((slots == np.arange(batch)).all())
+        dtype = cache.k[0].dtype
         return _Step(
-            cos=paddle.to_tensor(cos[:, :, None, :]).astype(dtype),
-            sin=paddle.to_tensor(sin[:, :, None, :]).astype(dtype),
+            cos=_to_dtype(paddle.to_tensor(cos[:, :, None, :]), dtype),
+            sin_signed=_to_dtype(paddle.to_tensor(sin[:, :, None, :]), dtype),
             write_block=paddle.to_tensor(positions // block_size),
             write_slot=paddle.to_tensor(np.broadcast_to(slots[:, None], positions.shape).copy()),
             write_offset=paddle.to_tensor(positions % block_size),
             read_slots=None if every_slot else paddle.to_tensor(slots),
             read_blocks=read_blocks,
-            mask=paddle.to_tensor(mask).astype(dtype),
+            mask=_to_dtype(paddle.to_tensor(mask), dtype),
         )
 
 
@@ -233,6 +230,10 @@ class LlamaForCausalLM(nn.Layer):
 
     def forward(self, embeds: paddle.Tensor, cache: KVCache, slots, start) -> paddle.Tensor:
         return self.lm_head(self.model(embeds, cache, slots, start))
+
+
+def _to_dtype(tensor: paddle.Tensor, dtype) -> paddle.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.astype(dtype)
 
 
 def _host_int64(value, batch: int, what: str) -> np.ndarray:

@@ -150,11 +150,14 @@ def test_vq_codebook_lookup(model, cases):
 
 
 def test_vq_decode_and_uint8_images(model, cases):
-    codes = np.concatenate([cases["vq_decode.codes"], cases["generation.image_tokens"].astype(np.int64)])
+    generated = cases["generation.image_tokens"].astype(np.int64)
+    # Greedy generation gives both images the same codes (see the golden README): decode that row once.
+    np.testing.assert_array_equal(generated[0], generated[1])
+    codes = np.concatenate([cases["vq_decode.codes"], generated[:1]])
     decoded = model.decode_image_tokens(codes).numpy()
     assert decoded.dtype == np.float32
     assert_close(decoded[:2], cases["vq_decode.decoded"])
-    assert_close(decoded[2:], cases["generation.decoded"])
+    assert_close(decoded[[2, 2]], cases["generation.decoded"])
     images = to_uint8_images(decoded)
     assert_images_close(images[:2], cases["vq_decode.images_uint8"])
-    assert_images_close(images[2:], cases["generation.images_uint8"])
+    assert_images_close(images[[2, 2]], cases["generation.images_uint8"])
