@@ -28,6 +28,7 @@ import paddle  # noqa: E402
 
 from model.config import JanusConfig  # noqa: E402
 from model.janus import JanusModel  # noqa: E402
+from model.loader import keep_freed_memory  # noqa: E402
 
 
 def build_model(name: str, seed: int) -> tuple[JanusModel, int]:
@@ -94,8 +95,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=64, help="tokens cached before the timed steps")
     parser.add_argument("--block-size", type=int, default=64, help="KV cache block size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings alone")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    if not args.default_malloc:
+        keep_freed_memory()  # as load_model does on CPU
 
     start = time.perf_counter()
     model, weight_bytes = build_model(args.model, args.seed)
