@@ -10,7 +10,7 @@ import base64  # noqa: E402
 import io  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
-from collections.abc import Coroutine, Iterator  # noqa: E402
+from collections.abc import Callable, Coroutine, Iterator  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -81,10 +81,15 @@ class ServerLoop:
     def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = 300) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self, settings: Settings, engine: EngineClient | None = None) -> LiveServer:
+    def start(
+        self, settings: Settings, engine: EngineClient | None = None, customize: Callable[[FastAPI], None] | None = None
+    ) -> LiveServer:
+        """Serve create_app(settings, engine); `customize` may add routes before it serves."""
         from server.app import create_app
 
         app = create_app(settings, engine)
+        if customize is not None:
+            customize(app)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))
@@ -176,6 +181,20 @@ def short_timeout_server(server: LiveServer, server_loop: ServerLoop, janus_home
     """Shares the engine; requests time out after a second, before an image or 1900 tokens are done."""
     settings = server_settings(janus_home, request_timeout=1.0, max_new_tokens_limit=1900)
     return server_loop.start(settings, engine=server.engine)
+
+
+def add_failing_route(app: FastAPI) -> None:
+    async def fail() -> None:
+        raise RuntimeError("a deliberate bug")
+
+    app.add_api_route("/v1/fail", fail, methods=["GET"])
+
+
+@pytest.fixture(scope="session")
+def buggy_server(server: LiveServer, server_loop: ServerLoop, janus_home: Path) -> LiveServer:
+    """Shares the engine; GET /v1/fail raises, as a bug would; CORS allows http://allowed.example."""
+    settings = server_settings(janus_home, cors_origins=["http://allowed.example"])
+    return server_loop.start(settings, engine=server.engine, customize=add_failing_route)
 
 
 class ImageHostHandler(BaseHTTPRequestHandler):

@@ -236,6 +236,17 @@ def test_openai_stream_that_fails_midway_sends_error_then_done(short_timeout_ser
     assert set(last_event["error"]) == {"message", "type", "param", "code"}
 
 
+def test_a_bug_is_a_500_with_the_error_body_and_a_logged_traceback(buggy_server, caplog):
+    with buggy_server.client() as http:
+        response = http.get("/v1/fail", headers={"X-Request-Id": "bug-1"})
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error"
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "bug-1" in response.json()["error"]["message"]
+    assert "deliberate bug" not in response.text
+    assert any(record.exc_info and "bug-1" in record.getMessage() for record in caplog.records)
+
+
 def test_server_still_serves_after_bad_input(server, client):
     assert client.get("/health").status_code == 200
     response = client.post("/understand", json={"image": IMAGE, "question": "Hi", "max_new_tokens": 2})

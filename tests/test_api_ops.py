@@ -113,6 +113,19 @@ def test_one_access_log_line_per_request_with_usage(client):
     assert line["logger"] == "janus.access" and line["request_id"] == "log-1"
 
 
+def test_cors_allows_only_the_configured_origins(buggy_server):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    with buggy_server.client(api_key=None) as http:
+        allowed = http.options("/v1/chat/completions", headers={"Origin": "http://allowed.example", **preflight})
+        other = http.options("/v1/chat/completions", headers={"Origin": "http://other.example", **preflight})
+        simple = http.get("/health", headers={"Origin": "http://allowed.example"})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "http://allowed.example"
+    assert "access-control-allow-origin" not in other.headers
+    assert simple.headers["access-control-allow-origin"] == "http://allowed.example"
+    assert "x-request-id" in simple.headers["access-control-expose-headers"].lower()
+
+
 def test_flags_override_environment(monkeypatch):
     monkeypatch.setenv("JANUS_MAX_QUEUE", "5")
     monkeypatch.setenv("JANUS_PORT", "9001")

@@ -63,7 +63,7 @@ def run_cases(schema, server, modes: list[GenerationMode], max_examples: int) ->
 
 def test_no_server_errors(api_schema, server):
     modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
-    run_cases(api_schema.exclude(path_regex=GENERATION_PATHS), server, modes, max_examples=150)
+    run_cases(api_schema.exclude(path_regex=GENERATION_PATHS), server, modes, max_examples=250)
 
 
 def test_no_server_errors_on_invalid_image_generation(api_schema, server):
