@@ -33,11 +33,11 @@ from server.errors import APIError, ClientDisconnected, engine_error_parts, inte
 from server.images import encode_pngs_base64, load_images, png_bytes
 from server.metrics import ServerMetrics
 from server.protocol import (
-    GenerateBody,
-    GenerateResponse,
-    GeneratedImage,
-    Timings,
     DEFAULT_MAX_NEW_TOKENS,
+    GenerateBody,
+    GeneratedImage,
+    GenerateResponse,
+    Timings,
     UnderstandBody,
     UnderstandResponse,
     Usage,
@@ -169,7 +169,7 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 def ensure_ready(engine: EngineClient) -> None:
     if not engine.ready:
-        raise EngineNotReadyError("The model is still loading; retry shortly.")
+        raise EngineNotReadyError("The model is not ready (loading, or the server is stopping); retry shortly.")
 
 
 async def wait_for_disconnect(request: Request) -> None:

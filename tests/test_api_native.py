@@ -1,12 +1,17 @@
 """Native routes against the live server: JSON, multipart and streaming, equal to the engine's own results."""
+import asyncio
 import base64
 import io
 import json
+import time
+
+import httpx
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from conftest import GENERATE_PROMPT, data_url, png_bytes, sse_payloads
+from conftest import API_KEY, GENERATE_PROMPT, data_url, png_bytes, sse_payloads
 from server.engine.types import GenerateRequest, UnderstandRequest
 
 QUESTION = "What is in this picture?"
@@ -169,3 +174,38 @@ def test_small_images_of_every_mode_are_accepted(client):
     response = client.post("/understand", json={"image": data_url(jpeg.getvalue(), "image/jpeg"),
                                                 "question": "Hi", "max_new_tokens": 1})
     assert response.status_code == 200, response.text
+
+
+def running_requests(server) -> int:
+    async def read() -> int:
+        return server.engine.stats().running_requests
+
+    return server.run(read())
+
+
+def wait_until_idle(server, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running_requests(server) == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_client_that_goes_away_cancels_its_engine_request(server, stream):
+    """An n=2 generation takes seconds; the client leaves after its first second and the engine drops it."""
+
+    async def leave_early() -> None:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        body = {"prompt": "a long walk", "n": 2, "stream": stream}
+        async with httpx.AsyncClient(base_url=server.base_url, headers=headers) as http:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    async with http.stream("POST", "/generate", json=body) as response:
+                        async for _ in response.aiter_lines():
+                            pass
+
+    assert wait_until_idle(server, timeout=30)
+    asyncio.run(leave_early())
+    assert wait_until_idle(server, timeout=3), "the engine kept running a request nobody waits for"
