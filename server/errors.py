@@ -143,9 +143,13 @@ async def handle_client_disconnected(request: Request, exc: ClientDisconnected) 
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-def internal_error_response(request_id: str) -> JSONResponse:
+def internal_error_body(request_id: str) -> dict[str, Any]:
     message = f"Internal server error (request {request_id}); the server log has the details."
-    return error_response(500, message, code="internal_error")
+    return error_body(500, message, code="internal_error")
+
+
+def internal_error_response(request_id: str) -> JSONResponse:
+    return JSONResponse(internal_error_body(request_id), status_code=500)
 
 
 def install_error_handlers(app: FastAPI) -> None:

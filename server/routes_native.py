@@ -29,7 +29,7 @@ from server.engine.types import (
     UnderstandRequest,
     UnderstandResult,
 )
-from server.errors import APIError, ClientDisconnected, engine_error_parts, internal_error_response, validation_error
+from server.errors import APIError, ClientDisconnected, engine_error_parts, internal_error_body, validation_error
 from server.images import encode_pngs_base64, load_images, png_bytes
 from server.metrics import ServerMetrics
 from server.protocol import (
@@ -256,7 +256,7 @@ def sse_response(
             yield sse_event(engine_error_parts(exc)[1])
         except Exception:
             log.exception("stream of request %s failed", request.state.request_id)
-            yield sse_event(json.loads(internal_error_response(request.state.request_id).body))
+            yield sse_event(internal_error_body(request.state.request_id))
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
