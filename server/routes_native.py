@@ -169,6 +169,8 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 def ensure_ready(engine: EngineClient) -> None:
     if not engine.ready:
+        if engine.error:
+            raise EngineNotReadyError(f"The model failed to load: {engine.error}", retry_after=60)
         raise EngineNotReadyError("The model is not ready (loading, or the server is stopping); retry shortly.")
 
 

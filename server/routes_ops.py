@@ -21,8 +21,10 @@ async def health() -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     engine = engine_of(request)
     if not engine.ready:
+        failure = engine.error
+        message = f"The model failed to load: {failure}" if failure else "The model is not loaded yet, or no worker is up."
         return error_response(
-            503, "The model is not loaded yet, or no worker is up.", code="not_ready",
+            503, message, code="model_load_failed" if failure else "not_ready",
             headers=retry_after_headers(NOT_READY_RETRY_AFTER),
         )
     return JSONResponse({"status": "ready", "model": engine.model_id})

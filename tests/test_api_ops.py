@@ -209,3 +209,22 @@ def test_bad_flags_exit_with_a_message(argv):
     result = subprocess.run([sys.executable, "-m", "server.cli", *argv], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert "janus-server" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ready_says_why_the_model_failed_to_load(server_loop, tmp_path):
+    """A folder that is not a Janus checkpoint: /ready and the model routes say so, the process stays up."""
+    from tests.conftest import server_settings
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    live = server_loop.start(server_settings(tmp_path, model=str(tmp_path)))
+    with live.client() as http:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready = http.get("/ready")
+            if ready.json()["error"]["code"] == "model_load_failed":
+                break
+            time.sleep(0.1)
+        assert ready.status_code == 503 and "not a Janus config" in ready.json()["error"]["message"]
+        answer = http.post("/understand", json={"question": "Hi"})
+        assert answer.status_code == 503 and "failed to load" in answer.json()["error"]["message"]
+        assert http.get("/health").status_code == 200
