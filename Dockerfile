@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Two images: `--target gpu` (CUDA + paddlepaddle-gpu from Paddle's index) and
 # `--target cpu` (slim Python + PyPI paddlepaddle). Weights are never baked in:
-# they live in the /models volume (JANUS_HOME). See docs/deploy.md.
+# they live in the /models volume (JANUS_HOME). See the Deployment section of README.md.
 
 # The CUDA base and Paddle's wheel index must name the same CUDA (12.6 here);
 # PADDLE_GPU_VERSION follows the paddlepaddle pin in constraints.txt.

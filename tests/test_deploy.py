@@ -37,7 +37,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
 K8S = ROOT / "docker" / "k8s"
-DOCS = ROOT / "docs" / "deploy.md"
+DOCS = ROOT / "README.md"
 
 PORT = 8000
 MODELS = "/models"

@@ -217,6 +217,8 @@ class EngineClient:
                 q.close()
             if worker.reader is not None:
                 worker.reader.join(timeout=5)
+            # Dropping the queues lets their semaphores be unlinked now rather than reported as leaked at exit.
+            worker.inbox = worker.outbox = worker.process = worker.reader = None
 
     # ---- properties
 
