@@ -6,13 +6,16 @@ built model through `_MODEL_RENAMES` / `_FUSED` (q/k/v and gate/up are concatena
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import json
 import logging
+import pickle
 import re
 import struct
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,8 @@ _WEIGHT_FILES = (
     "model.safetensors.index.json",
     "model.safetensors",
     "model_state.pdparams",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
 )
 
 
@@ -316,23 +321,128 @@ class _PdparamsCheckpoint(_Checkpoint):
         self._state.clear()
 
 
+class _TorchStorage:
+    def __init__(self, dtype_name: str, key: str, numel: int):
+        self.dtype_name, self.key, self.numel = dtype_name, key, numel
+
+
+class _TorchTensor:
+    def __init__(self, storage: _TorchStorage, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]):
+        self.storage, self.offset, self.shape, self.stride = storage, offset, tuple(shape), tuple(stride)
+
+
+def _rebuild_tensor(storage, offset, shape, stride, *_):
+    return _TorchTensor(storage, offset, shape, stride)
+
+
+def _rebuild_parameter(data, *_):
+    return data
+
+
+class _TorchUnpickler(pickle.Unpickler):
+    """Reads the data.pkl of a torch.save zip without torch, allowing only state-dict objects."""
+
+    _GLOBALS = {
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and name in _TorchZipCheckpoint.DTYPES:
+            return name
+        try:
+            return self._GLOBALS[(module, name)]
+        except KeyError:
+            raise CheckpointError(f"unsupported object {module}.{name} in a PyTorch checkpoint") from None
+
+    def persistent_load(self, pid):
+        kind, dtype_name, key, _location, numel = pid
+        if kind != "storage" or dtype_name not in _TorchZipCheckpoint.DTYPES:
+            raise CheckpointError(f"unsupported storage {pid!r} in a PyTorch checkpoint")
+        return _TorchStorage(dtype_name, str(key), int(numel))
+
+
+class _TorchZipCheckpoint(_Checkpoint):
+    """pytorch_model*.bin in torch.save's zip format, read without torch, one storage at a time."""
+
+    DTYPES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": np.uint16,
+              "DoubleStorage": np.float64, "LongStorage": np.int64, "IntStorage": np.int32,
+              "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+
+    def __init__(self, files: list[Path], description: str):
+        self._entries: dict[str, tuple[zipfile.ZipFile, str, _TorchTensor]] = {}
+        self._archives = []
+        for path in files:
+            try:
+                archive = zipfile.ZipFile(path)
+                pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if len(pickles) != 1:
+                    raise CheckpointError(f"{path} is not a torch.save zip archive (no single data.pkl)")
+                prefix = pickles[0][: -len("data.pkl")]
+                with archive.open(pickles[0]) as f:
+                    state = _TorchUnpickler(f).load()
+            except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
+                raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (damaged or truncated?): {exc}") from exc
+            if not isinstance(state, dict) or not all(isinstance(v, _TorchTensor) for v in state.values()):
+                raise CheckpointError(f"{path} does not hold a state dict of tensors")
+            self._archives.append(archive)
+            for name, tensor in state.items():
+                self._entries[name] = (archive, prefix, tensor)
+        super().__init__(description, paddle_layout=False)
+        self._index(self._entries)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: self._entries[stored][2].shape for name, stored in self._stored.items()}
+
+    def read(self, key: str) -> np.ndarray:
+        archive, prefix, tensor = self._entries[self._stored[key]]
+        dtype = np.dtype(self.DTYPES[tensor.storage.dtype_name])
+        try:
+            data = np.frombuffer(archive.read(f"{prefix}data/{tensor.storage.key}"), dtype=dtype)
+        except (KeyError, zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(f"storage of {key} is missing or damaged in the PyTorch checkpoint: {exc}") from exc
+        needed = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride)) + 1
+        if data.size < needed and np.prod(tensor.shape) > 0:
+            raise CheckpointError(f"storage of {key} holds {data.size} values, the tensor needs {needed}")
+        array = np.lib.stride_tricks.as_strided(
+            data[tensor.offset:], shape=tensor.shape, strides=[s * dtype.itemsize for s in tensor.stride]
+        )
+        if tensor.storage.dtype_name == "BFloat16Storage":
+            return (array.astype(np.uint32) << 16).view(np.float32)
+        return array.astype(np.float32)
+
+    def close(self) -> None:
+        for archive in self._archives:
+            archive.close()
+
+
+def _weight_map_files(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted({index.parent / name for name in weight_map.values()})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a valid checkpoint index: {exc}") from exc
+    absent = [p.name for p in files if not p.is_file()]
+    if absent:
+        raise CheckpointError(f"{index.name} lists shard files missing from {index.parent}: {', '.join(absent)}")
+    return files
+
+
 def _open_checkpoint(folder: Path) -> _Checkpoint:
+    """The first weights found, in the order of _WEIGHT_FILES."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted({folder / name for name in weight_map.values()})
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
-        absent = [p.name for p in files if not p.is_file()]
-        if absent:
-            raise CheckpointError(f"{index.name} lists shard files missing from {folder}: {', '.join(absent)}")
+        files = _weight_map_files(index)
         return _SafetensorsCheckpoint(files, f"{index.name} ({len(files)} shards)")
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return _SafetensorsCheckpoint([single], single.name)
-    pdparams = folder / "model_state.pdparams"
-    if pdparams.is_file():
-        return _PdparamsCheckpoint(pdparams)
+    if (folder / "model.safetensors").is_file():
+        return _SafetensorsCheckpoint([folder / "model.safetensors"], "model.safetensors")
+    if (folder / "model_state.pdparams").is_file():
+        return _PdparamsCheckpoint(folder / "model_state.pdparams")
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        files = _weight_map_files(index)
+        return _TorchZipCheckpoint(files, f"{index.name} ({len(files)} shards)")
+    if (folder / "pytorch_model.bin").is_file():
+        return _TorchZipCheckpoint([folder / "pytorch_model.bin"], "pytorch_model.bin")
     raise CheckpointError(f"no weights in {folder}: expected one of {', '.join(_WEIGHT_FILES)}")
-

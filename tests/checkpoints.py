@@ -1,8 +1,15 @@
 """Writes test checkpoints derived from the golden one: other layouts, shards, dtypes, and damaged copies."""
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
 import json
+import pickle
 import shutil
+import sys
+import types
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +102,70 @@ def write_bfloat16(dst: Path) -> Path:
 def truncate(path: Path, keep_fraction: float = 0.5) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep_fraction)])
+
+
+@contextlib.contextmanager
+def _fake_torch_globals():
+    """Stand-ins named like torch's pickled globals, so that pickle can write references to them."""
+    torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    def _rebuild_tensor_v2(*args):
+        raise AssertionError("only pickled by name")
+
+    _rebuild_tensor_v2.__module__ = "torch._utils"
+    _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
+    utils._rebuild_tensor_v2 = _rebuild_tensor_v2
+    for name in ("FloatStorage", "BFloat16Storage"):
+        setattr(torch, name, type(name, (), {"__module__": "torch"}))
+    torch._utils = utils
+    saved = {name: sys.modules.get(name) for name in ("torch", "torch._utils")}
+    sys.modules.update({"torch": torch, "torch._utils": utils})
+    try:
+        yield torch, utils
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name)
+            else:
+                sys.modules[name] = module
+
+
+class _TensorRecord:
+    def __init__(self, rebuild, storage_id, shape):
+        self.rebuild, self.storage_id, self.shape = rebuild, storage_id, shape
+
+    def __reduce__(self):
+        stride, step = [], 1
+        for size in reversed(self.shape):
+            stride.insert(0, step)
+            step *= size
+        return self.rebuild, (self.storage_id, 0, tuple(self.shape), tuple(stride), False, collections.OrderedDict())
+
+
+class _StatePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return obj if isinstance(obj, tuple) and obj and obj[0] == "storage" else None
+
+
+def write_torch_bin(dst: Path, bfloat16: bool = False) -> Path:
+    """The golden weights as torch.save writes pytorch_model.bin (zip: data.pkl + one storage per tensor),
+    made without torch."""
+    copy_side_files(dst)
+    tensors = golden_tensors()
+    with _fake_torch_globals() as (torch, utils):
+        storage_type = torch.BFloat16Storage if bfloat16 else torch.FloatStorage
+        state, blobs = collections.OrderedDict(), {}
+        for key, (name, array) in enumerate(sorted(tensors.items())):
+            data = to_bfloat16_bits(array) if bfloat16 else array.astype(np.float32)
+            blobs[str(key)] = data.tobytes()
+            storage_id = ("storage", storage_type, str(key), "cpu", int(array.size))
+            state[name] = _TensorRecord(utils._rebuild_tensor_v2, storage_id, array.shape)
+        buffer = io.BytesIO()
+        _StatePickler(buffer, protocol=2).dump(state)
+    with zipfile.ZipFile(dst / "pytorch_model.bin", "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("pytorch_model/data.pkl", buffer.getvalue())
+        archive.writestr("pytorch_model/byteorder", "little")
+        for key, blob in blobs.items():
+            archive.writestr(f"pytorch_model/data/{key}", blob)
+        archive.writestr("pytorch_model/version", "3\n")
+    return dst

@@ -109,6 +109,23 @@ def test_sharded_safetensors_load(tmp_path, reference):
     assert_same_parameters(load_model(checkpoints.write_sharded(tmp_path / "sharded")), reference)
 
 
+@pytest.mark.parametrize("bfloat16", [False, True])
+def test_pytorch_bin_loads_without_torch(tmp_path, reference, bfloat16):
+    model = load_model(checkpoints.write_torch_bin(tmp_path / "bin", bfloat16=bfloat16))
+    if not bfloat16:
+        assert_same_parameters(model, reference)
+    golden = checkpoints.golden_tensors()["gen_head.vision_head.weight"]
+    expected = (checkpoints.to_bfloat16_bits(golden).astype(np.uint32) << 16).view(np.float32) if bfloat16 else golden
+    np.testing.assert_array_equal(model.gen_head.vision_head.weight.numpy(), expected.T)
+
+
+def test_truncated_pytorch_bin(tmp_path):
+    folder = checkpoints.write_torch_bin(tmp_path / "model")
+    checkpoints.truncate(folder / "pytorch_model.bin", 0.9)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        load_model(folder)
+
+
 def test_bfloat16_weights_are_upcast_to_float32(tmp_path):
     model = load_model(checkpoints.write_bfloat16(tmp_path / "bf16"))
     weight = model.language_model.lm_head.weight
