@@ -195,6 +195,8 @@ class LlamaModel(nn.Layer):
         start = _host_int64(start, batch, "start")
         if (slots < 0).any() or (slots >= cache.num_slots).any():
             raise ValueError(f"slots {slots.tolist()} out of range for a cache of {cache.num_slots} slots")
+        if len(np.unique(slots)) != batch:
+            raise ValueError(f"slots {slots.tolist()} repeat a cache row")
         if (start < 0).any() or (start + length > cache.max_len).any():
             raise ValueError(f"positions start {start.tolist()} + {length} tokens exceed the cache length {cache.max_len}")
         positions = start[:, None] + np.arange(length, dtype=np.int64)[None, :]

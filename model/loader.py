@@ -91,26 +91,25 @@ def load_model(folder: str | Path, dtype: str | None = None, device: str | None 
     linear_weights = {f"{name}.weight" for name, layer in model.named_sublayers() if isinstance(layer, nn.Linear)}
 
     expected = expected_hf_shapes(config)
-    sources: dict[str, list[str]] = {}
+    parts_by_name: dict[str, dict[int, str]] = {}
     for key in expected:
         name, part = _model_name(key)
-        sources.setdefault(name, []).insert(part, key)
+        parts_by_name.setdefault(name, {})[part] = key
+    sources = {name: [parts[i] for i in sorted(parts)] for name, parts in parts_by_name.items()}
     if set(sources) != set(params):
         raise AssertionError(f"weight table and model disagree: {sorted(set(sources) ^ set(params))[:10]}")
     linear_keys = {key for name, keys in sources.items() if name in linear_weights for key in keys}
-    _check_keys_and_shapes(checkpoint, shapes, expected, linear_keys)
-
-    for name, keys in sources.items():
-        parts = [_to_paddle_layout(checkpoint.read(key), key in linear_keys, checkpoint.paddle_layout) for key in keys]
-        value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-        param = params[name]
-        target = str(param.dtype).replace("paddle.", "")
-        if target == "float32":
-            param.set_value(value)
-        else:
-            param.set_value(paddle.to_tensor(value).astype(target))
-        del parts, value
-    checkpoint.close()
+    try:
+        _check_keys_and_shapes(checkpoint, shapes, expected, linear_keys)
+        for name, keys in sources.items():
+            parts = [_to_paddle_layout(checkpoint.read(key), key in linear_keys, checkpoint.paddle_layout) for key in keys]
+            value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+            param = params[name]
+            target = str(param.dtype).replace("paddle.", "")
+            param.set_value(value if target == "float32" else paddle.to_tensor(value).astype(target))
+            del parts, value
+    finally:
+        checkpoint.close()
     model.eval()
     for param in model.parameters():
         param.stop_gradient = True
