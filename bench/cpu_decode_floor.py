@@ -12,8 +12,9 @@ measured in the same round), and the engine's error against eager. Each timed st
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/cpu_decode_floor.py [--engines openvino,onednn,plain]
 
-Needs about 17 GB of RAM for the default (eager weights + OpenVINO's copy) and a few
-minutes; each extra engine adds a full copy of the weights.
+Eager is timed first; building the engine then frees the eager layer weights
+(release_eager_weights), so the default needs about 12 GB of RAM at peak and a few minutes;
+--keep-eager interleaves eager with the engine instead (about 17 GB).
 """
 from __future__ import annotations
 
@@ -112,101 +113,141 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="2,8")
     parser.add_argument("--cached", type=int, default=64, help="tokens already in the cache of every row")
-    parser.add_argument("--rounds", type=int, default=7, help="timed steps per (engine, batch)")
-    parser.add_argument("--engines", default="openvino", help="comma list of openvino, onednn, plain")
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps per (runner, batch)")
+    parser.add_argument("--engines", default="openvino", help="comma list of plain, onednn, openvino (run in turn)")
     parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument("--keep-eager", action="store_true",
+                        help="keep the eager weights and interleave eager with the last engine (+4.9 GB)")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check of the bench")
     parser.add_argument("--after-eager-head", action="store_true",
                         help="also time engine steps right after an eager gen_head-sized matmul, "
                              "with OpenMP blocktime 0 (+head) and 200 ms, its default (+head/spin)")
+    parser.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens (batch 1)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    engines = [e for e in args.engines.split(",") if e]
+    engines = sorted((e for e in args.engines.split(",") if e), key=lambda e: e == "openvino")
     threads = int(os.environ["OMP_NUM_THREADS"])
     print(f"paddle {paddle.__version__}, OMP_NUM_THREADS={threads}, cpus {os.cpu_count()}", flush=True)
 
     started = time.perf_counter()
     model = build_model(layers=args.layers)
     weight_bytes = step_weight_bytes(model)
+    hidden = model.config.hidden_size
     print(f"model built in {time.perf_counter() - started:.0f} s; weight bytes per step {weight_bytes / 1e9:.3f} GB",
           flush=True)
     cache = model.new_cache(max(batches), args.cached + 8, dtype="float32")
     fill_cache(cache, max(batches), args.cached)
     rng = np.random.default_rng(2)
-    embeds = {b: paddle.to_tensor(rng.standard_normal((b, 1, model.config.hidden_size)).astype(np.float32))
-              for b in batches}
+    embeds = {b: paddle.to_tensor(rng.standard_normal((b, 1, hidden)).astype(np.float32)) for b in batches}
     slots = {b: list(range(b)) for b in batches}
     start = {b: [args.cached] * b for b in batches}
-
-    # name -> (step function, OpenMP blocktime in ms, what runs untimed right before the step)
-    head = paddle.to_tensor(rng.standard_normal((model.config.hidden_size, 16384)).astype(np.float32) * 0.02)
+    prefill_embeds = paddle.to_tensor(rng.standard_normal((1, max(args.prefill, 1), hidden)).astype(np.float32))
+    prefill_cache = model.new_cache(1, max(args.prefill, 1), dtype="float32") if args.prefill else None
+    head = paddle.to_tensor(rng.standard_normal((hidden, 16384)).astype(np.float32) * 0.02)
 
     def eager_head(b):  # an eager matmul of gen_head's size, as the worker runs between two steps
-        (paddle.ones([b, model.config.hidden_size]) @ head).numpy()
+        (paddle.ones([b, hidden]) @ head).numpy()
 
-    runners = {}
-    if not args.no_eager:
-        def eager(b):
-            with paddle.no_grad():
-                return model(embeds[b], cache, slots[b], start[b]).numpy()
-        runners["eager"] = (eager, 200, None)
-    for name in engines:
+    def eager_step(b):
+        with paddle.no_grad():
+            return model(embeds[b], cache, slots[b], start[b]).numpy()
+
+    def eager_prefill():
+        with paddle.no_grad():
+            return model(prefill_embeds, prefill_cache, [0], [0]).numpy()
+
+    times: dict = {}
+    bandwidth: dict = {1: [], 2: []}
+    paired: dict = {}  # (runner, batch) -> step time / floor of the same round
+    prefill_times: dict = {}
+    reference: dict = {}
+
+    def measure(runners: dict, prefills: dict) -> None:
+        """runners: name -> (step(b), OpenMP blocktime ms, untimed call before the step or None)."""
+        for run, _, _ in runners.values():  # warm-up: first calls allocate
+            for b in batches:
+                run(b)
+        for _ in range(args.rounds):
+            bw = copy_bandwidth()
+            for t, value in bw.items():
+                bandwidth[t].append(value)
+            floor = weight_bytes / max(bw.values()) / 1e9
+            for b in batches:
+                for name, (run, blocktime, before) in runners.items():
+                    quiet_openmp(blocktime)
+                    time.sleep(0.3)  # let the previous runner's spinning OpenMP/TBB threads go idle
+                    if before is not None:
+                        before(b)
+                    t0 = time.perf_counter()
+                    run(b)
+                    elapsed = time.perf_counter() - t0
+                    times.setdefault((name, b), []).append(elapsed)
+                    paired.setdefault((name, b), []).append(elapsed / floor)
+        for name, run in prefills.items():
+            for _ in range(3):
+                t0 = time.perf_counter()
+                run()
+                prefill_times.setdefault(name, []).append(time.perf_counter() - t0)
+
+    eager_runners = {} if args.no_eager else {"eager": (eager_step, 200, None)}
+    eager_prefills = {"eager": eager_prefill} if args.prefill and not args.no_eager else {}
+    if eager_runners:
+        for b in batches:
+            reference[b] = eager_step(b)
+        if args.prefill:
+            reference["prefill"] = eager_prefill()
+        if not args.keep_eager:
+            measure(eager_runners, eager_prefills)
+    for index, name in enumerate(engines):
+        last = index == len(engines) - 1
+        release = last and not args.keep_eager  # frees 4.9 GB: eager is measured before this point
         started = time.perf_counter()
-        engine = CpuDecodeEngine(model, threads=threads, engine=name)
+        engine = CpuDecodeEngine(model, threads=threads, engine=name, release_eager_weights=release)
         print(f"{name}: built in {time.perf_counter() - started:.0f} s", flush=True)
-        run = (lambda e: lambda b: e.forward_hidden(embeds[b], cache, slots[b], start[b]).numpy())(engine)
-        runners[name] = (run, 0, None)
+
+        def run(b, engine=engine):
+            return engine.forward_hidden(embeds[b], cache, slots[b], start[b]).numpy()
+
+        for b in batches:
+            if b in reference:  # each step rewrites the same cache position: same inputs, same answer
+                err = float(np.abs(run(b) - reference[b]).max() / np.abs(reference[b]).max())
+                print(f"{name} batch {b}: max |engine - eager| / max |eager| = {err:.2e}", flush=True)
+        runners = {name: (run, 0, None)}
         if args.after_eager_head:
             runners[name + "+head"] = (run, 0, eager_head)
             runners[name + "+head/spin"] = (run, 200, eager_head)
-
-    # Exactness against eager at the same inputs (each step rewrites the same cache position).
-    if "eager" in runners:
-        for b in batches:
-            reference = runners["eager"][0](b)
-            for name in engines:
-                out = runners[name][0](b)
-                err = float(np.abs(out - reference).max() / np.abs(reference).max())
-                print(f"{name} batch {b}: max |engine - eager| / max |eager| = {err:.2e}", flush=True)
-
-    times = {(name, b): [] for name in runners for b in batches}
-    bandwidth = {1: [], 2: []}
-    for run, _, _ in runners.values():  # warm-up: first calls allocate
-        for b in batches:
-            run(b)
-    for _ in range(args.rounds):
-        for threads_bw, value in copy_bandwidth().items():
-            bandwidth[threads_bw].append(value)
-        for b in batches:
-            for name, (run, blocktime, before) in runners.items():
-                quiet_openmp(blocktime)
-                time.sleep(0.3)  # let the previous runner's spinning OpenMP/TBB threads go idle
-                if before is not None:
-                    before(b)
-                t0 = time.perf_counter()
-                run(b)
-                times[(name, b)].append(time.perf_counter() - t0)
+        prefills = {}
+        if args.prefill:
+            prefills[name] = lambda engine=engine: engine.forward_hidden(prefill_embeds, prefill_cache, [0], [0]).numpy()
+            if "prefill" in reference:
+                err = float(np.abs(prefills[name]() - reference["prefill"]).max() / np.abs(reference["prefill"]).max())
+                print(f"{name} prefill {args.prefill}: max |engine - eager| / max |eager| = {err:.2e}", flush=True)
+        if last and args.keep_eager:
+            runners = {**eager_runners, **runners}
+            prefills = {**eager_prefills, **prefills}
+        measure(runners, prefills)
+        if not last:
+            del engine, run  # Paddle Inference frees a plain/oneDNN predictor's weights with it
 
     bw = {t: float(np.median(v)) for t, v in bandwidth.items()}
     best = max(bw.values())
     floor_ms = weight_bytes / (best * 1e9) * 1e3
-    round_floor_ms = weight_bytes / np.maximum(bandwidth[1], bandwidth[2]) / 1e6  # each round's own floor
     print()
-    print(f"copy bandwidth (read+write, median of {args.rounds}): 1 thread {bw[1]:.1f} GB/s, "
+    print(f"copy bandwidth (read+write, median of {len(bandwidth[1])} rounds): 1 thread {bw[1]:.1f} GB/s, "
           f"2 threads {bw[2]:.1f} GB/s")
-    print(f"floor = {weight_bytes / 1e9:.3f} GB / {best:.1f} GB/s = {floor_ms:.0f} ms per step "
-          f"(rounds: {' '.join(f'{f:.0f}' for f in round_floor_ms)})")
+    print(f"floor = {weight_bytes / 1e9:.3f} GB / {best:.1f} GB/s = {floor_ms:.0f} ms per step")
     print(f"{'runner':>22} {'batch':>5} {'median ms':>10} {'min':>7} {'max':>7} {'x floor':>8} "
           f"{'x round floor':>14} {'vs eager':>9}")
     for b in batches:
-        for name in runners:
+        for name in dict.fromkeys(n for n, bb in times if bb == b):
             t = np.array(times[(name, b)])
             speedup = ""
-            if "eager" in runners and name != "eager":
+            if ("eager", b) in times and name != "eager":
                 speedup = f"{np.median(times[('eager', b)]) / np.median(t):.2f}x"
-            paired = float(np.median(t * 1e3 / round_floor_ms))
             print(f"{name:>22} {b:>5} {median_ms(t):>10.1f} {t.min() * 1e3:>7.1f} {t.max() * 1e3:>7.1f} "
-                  f"{median_ms(t) / floor_ms:>8.2f} {paired:>14.2f} {speedup:>9}")
+                  f"{median_ms(t) / floor_ms:>8.2f} {np.median(paired[(name, b)]):>14.2f} {speedup:>9}")
+    for name, t in prefill_times.items():
+        print(f"prefill {args.prefill} tokens, {name}: median {np.median(t):.2f} s (min {min(t):.2f})")
 
 
 if __name__ == "__main__":

@@ -242,10 +242,17 @@ class CpuDecodeEngine:
     numpy views of its tensors. `engine` may be "openvino" (default), "onednn" or "plain"
     (Paddle Inference without OpenVINO, for comparison). Not thread-safe: one caller.
     Paddle never frees OpenVINO engines, so build one per model and process.
+
+    Memory: OpenVINO keeps about 2.2x the exported weights (its parsed model and its
+    packed copy: ~10.8 GB for Janus-1.3B's 4.9 GB of layers). `release_eager_weights=True`
+    frees the eager layer weights (and final norm) once exported, saving 4.9 GB; the eager
+    stack (model.forward_hidden) then fails loudly, so every call, prefill included, must go
+    through this engine. Embeddings and heads stay eager either way.
     """
 
     def __init__(self, model, *, threads: int | None = None, engine: str = "openvino",
-                 workdir: str | None = None, quiet_eager_threads: bool = True):
+                 workdir: str | None = None, quiet_eager_threads: bool = True,
+                 release_eager_weights: bool = False):
         self.llama = find_llama(model)
         c = self.llama.config
         if engine not in ("openvino", "onednn", "plain"):
@@ -271,8 +278,11 @@ class CpuDecodeEngine:
             for index, (before, after) in enumerate(bounds):
                 folder = os.path.join(root, str(index))
                 os.makedirs(folder)
-                self.programs.append(_Program(_make_part(self.llama, before, after), folder, f"{tag}_{index}",
-                                              self.threads, engine))
+                part = _make_part(self.llama, before, after)
+                self.programs.append(_Program(part, folder, f"{tag}_{index}", self.threads, engine))
+                if release_eager_weights:
+                    for param in part.parameters():
+                        param._clear_data()  # the program holds its own copy now
                 # OpenVINO holds the weights in memory once compiled: the files are no longer needed.
                 shutil.rmtree(folder, ignore_errors=True)
         finally:
