@@ -279,10 +279,7 @@ class EngineClient:
     # ---- understanding
 
     async def understand(self, req: UnderstandRequest) -> UnderstandResult:
-        result = None
-        async for item in self.understand_stream(req):
-            result = item
-        return result
+        return await last_item(self.understand_stream(req))
 
     async def understand_stream(self, req: UnderstandRequest) -> AsyncIterator[TokenEvent | UnderstandResult]:
         self._check_accepting()
@@ -348,10 +345,7 @@ class EngineClient:
     # ---- text to image
 
     async def generate_images(self, req: GenerateRequest) -> GenerateResult:
-        result = None
-        async for item in self.generate_images_stream(req):
-            result = item
-        return result
+        return await last_item(self.generate_images_stream(req))
 
     async def generate_images_stream(self, req: GenerateRequest) -> AsyncIterator[ProgressEvent | GenerateResult]:
         self._check_accepting()
@@ -571,6 +565,14 @@ class EngineClient:
         queue_time = (request.dispatched_at or now) - request.enqueued_at
         return Timings(queue=queue_time, prefill=data.get("prefill", 0.0), decode=data.get("decode", 0.0),
                        vq_decode=data.get("vq_decode", 0.0), total=now - request.enqueued_at)
+
+
+async def last_item(stream: AsyncIterator):
+    """The result that ends a stream of events."""
+    item = None
+    async for item in stream:
+        pass
+    return item
 
 
 class StopStringDecoder:
