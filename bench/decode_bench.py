@@ -109,7 +109,8 @@ def main() -> None:
     start = time.perf_counter()
     model, weight_bytes = build_model(args.model, args.seed)
     print(f"{args.model}: random float32 decode-path weights in {time.perf_counter() - start:.1f} s, "
-          f"{weight_bytes / 1e9:.2f} GB read per step; OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+          f"{weight_bytes / 1e9:.2f} GB read per step; OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
+          f"MKL_DEBUG_CPU_TYPE={os.environ.get('MKL_DEBUG_CPU_TYPE', 'unset')}")
     bandwidth = copy_bandwidth()
     print(f"memory bandwidth (numpy copy, read + write): {bandwidth / 1e9:.1f} GB/s")
     lm = model.config.language

@@ -115,9 +115,7 @@ class JanusConfig:
         path = Path(path)
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path} is not a readable JSON config: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} is not a Janus config: the top level is not an object")
