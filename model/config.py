@@ -153,7 +153,9 @@ class JanusConfig:
                             ("gen_head_config n_embed", gen_head.n_embed)):
             if width != hidden:
                 raise ConfigError(f"{source}: {what} is {width}, but the language model hidden size is {hidden}")
-        roles = raw.get("chat_roles", ("User", "Assistant"))
+        # Published config.json files don't name the roles; Janus-Pro checkpoints say who they are by name or folder.
+        is_pro = "janus-pro" in f"{raw.get('_name_or_path', '')} {source}".lower()
+        roles = raw.get("chat_roles", ("<|User|>", "<|Assistant|>") if is_pro else ("User", "Assistant"))
         if not (isinstance(roles, (list, tuple)) and len(roles) == 2 and all(isinstance(r, str) for r in roles)):
             raise ConfigError(f"{source}: chat_roles must be two strings, got {roles!r}")
         return cls(

@@ -214,3 +214,14 @@ def test_not_a_janus_config_folder(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     with pytest.raises(ConfigError, match="not a Janus config"):
         load_model(folder)
+
+
+def test_janus_pro_roles_come_from_the_checkpoints_name(tmp_path):
+    from model.config import JanusConfig
+
+    raw = json.loads((GOLDEN / "config.json").read_text())
+    folder = tmp_path / "deepseek-ai--Janus-Pro-1B"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(raw))
+    assert JanusConfig.from_file(folder / "config.json").chat_roles == ("<|User|>", "<|Assistant|>")
+    assert JanusConfig.from_file(GOLDEN / "config.json").chat_roles == ("User", "Assistant")
