@@ -55,7 +55,8 @@ class _Step:
     write_offset: paddle.Tensor
     read_slots: paddle.Tensor | None  # None: the batch is every cache slot in order, read without a gather
     read_blocks: int
-    mask: paddle.Tensor  # [read_blocks, B, 1, 1, T, block_size] additive
+    mask: paddle.Tensor  # [read_blocks, B, 1, 1, T, block_size] additive; fresh: [T, T] causal
+    fresh: bool = False  # every row starts at position 0: attend to the new keys only, not the cache
 
 
 def rotary_inv_freq(head_dim: int, theta: float) -> np.ndarray:
@@ -106,6 +107,9 @@ class Attention(nn.Layer):
         k_cache[step.write_block, step.write_slot, :, step.write_offset] = k
         v_cache[step.write_block, step.write_slot, :, step.write_offset] = v.reshape([batch, length, kv_heads, head_dim])
 
+        if step.fresh:
+            return self.o_proj(self._fresh_attention(q, k, v.reshape([batch, length, kv_heads, head_dim]), step.mask))
+
         keys = k_cache[: step.read_blocks]
         values = v_cache[: step.read_blocks]
         if step.read_slots is not None:
@@ -137,6 +141,20 @@ class Attention(nn.Layer):
             out = out.reshape([batch, kv_heads, groups, length, head_dim]).transpose([0, 3, 1, 2, 4])
             out = out.reshape([batch, length, heads * head_dim])
         return self.o_proj(out)
+
+
+    def _fresh_attention(self, q, k, v, causal):
+        """Causal attention of a prompt over itself (a prefill from position 0), [B, T, heads * head_dim]."""
+        batch, length = q.shape[0], q.shape[1]
+        kv_heads, groups, head_dim = self.kv_heads, self.heads // self.kv_heads, self.head_dim
+        q = (q * self.scale).reshape([batch, length, kv_heads, groups, head_dim]).transpose([0, 2, 3, 1, 4])
+        q = q.reshape([batch, kv_heads, groups * length, head_dim])
+        scores = paddle.matmul(q, k.transpose([0, 2, 1, 3]), transpose_y=True)
+        scores = scores.reshape([batch, kv_heads, groups, length, length]) + causal
+        probs = F.softmax(scores, axis=-1).reshape([batch, kv_heads, groups * length, length])
+        out = paddle.matmul(probs, v.transpose([0, 2, 1, 3]))
+        out = out.reshape([batch, kv_heads, groups, length, head_dim]).transpose([0, 3, 1, 2, 4])
+        return out.reshape([batch, length, self.heads * head_dim])
 
 
 class MLP(nn.Layer):
@@ -204,13 +222,19 @@ class LlamaModel(nn.Layer):
         half = sin.shape[-1] // 2
         sin[..., :half] *= -1
         block_size = cache.block_size
+        dtype = cache.k[0].dtype
+        fresh = length > 1 and not start.any()
+        if fresh:
+            causal = np.triu(np.full((length, length), -np.inf, np.float32), k=1)
         read_blocks = -(-(int(positions.max()) + 1) // block_size)
         key_positions = np.arange(read_blocks * block_size, dtype=np.int64).reshape(read_blocks, 1, 1, block_size)
         allowed = key_positions <= positions[None, :, :, None]  # [blocks, B, T, block]
-        mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf))
-        mask = mask.reshape(read_blocks, batch, 1, 1, length, block_size)
+        if fresh:
+            mask = causal
+        else:
+            mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf))
+            mask = mask.reshape(read_blocks, batch, 1, 1, length, block_size)
         every_slot = batch == cache.num_slots and bool((slots == np.arange(batch)).all())
-        dtype = cache.k[0].dtype
         return _Step(
             cos=_to_dtype(paddle.to_tensor(cos[:, :, None, :]), dtype),
             sin_signed=_to_dtype(paddle.to_tensor(sin[:, :, None, :]), dtype),
@@ -220,6 +244,7 @@ class LlamaModel(nn.Layer):
             read_slots=None if every_slot else paddle.to_tensor(slots),
             read_blocks=read_blocks,
             mask=_to_dtype(paddle.to_tensor(mask), dtype),
+            fresh=fresh,
         )
 
 
