@@ -223,9 +223,10 @@ def test_full_queue_answers_overloaded_at_once(loop, tmp_path):
     engine = start_engine(loop, tmp_path, max_batch_rows=1, max_queue=2)
     try:
         async def scenario():
-            running = [asyncio.create_task(engine.understand(understand_request(i, max_new_tokens=40)))
+            running = [asyncio.create_task(engine.understand(understand_request(i, max_new_tokens=400)))
                        for i in range(3)]
-            await asyncio.sleep(0.3)
+            while engine.stats().running_requests < 1:
+                await asyncio.sleep(0.01)
             assert engine.stats().queue_length == 2
             started = time.monotonic()
             with pytest.raises(OverloadedError) as info:
