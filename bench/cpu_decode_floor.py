@@ -8,8 +8,8 @@ In ONE run (so that ratios share the machine's current speed):
   engine  = model/cpu_engine.py CpuDecodeEngine (Paddle Inference + OpenVINO, fp32), same steps
 Prints medians and ratios step/floor (against the median floor, and paired with the floor
 measured in the same round), and the engine's error against eager. On a shared machine the
-last columns keep only the steps during which other processes used < 0.1 core (/proc/stat). Each timed step follows
-0.3 s of rest; eager runs with Intel OpenMP's default blocktime (200 ms), the engine with 0.
+last columns keep only the steps during which other processes used < 0.1 core (/proc/stat).
+Each timed step follows 0.3 s of rest.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/cpu_decode_floor.py [--engines openvino,onednn,plain]
 
@@ -33,7 +33,7 @@ import paddle  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model.config import JanusConfig  # noqa: E402
-from model.cpu_engine import CpuDecodeEngine, quiet_openmp  # noqa: E402
+from model.cpu_engine import CpuDecodeEngine  # noqa: E402
 from model.llama import LlamaModel  # noqa: E402
 
 
@@ -147,8 +147,8 @@ def main() -> None:
                         help="keep the eager weights and interleave eager with the last engine (+4.9 GB)")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick check of the bench")
     parser.add_argument("--after-eager-head", action="store_true",
-                        help="also time engine steps right after an eager gen_head-sized matmul, "
-                             "with OpenMP blocktime 0 (+head) and 200 ms, its default (+head/spin)")
+                        help="also time engine steps right after an eager gen_head-sized matmul (+head), "
+                             "as in the worker's loop, where MKL's OpenMP threads may still spin")
     parser.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens (batch 1)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -191,8 +191,8 @@ def main() -> None:
     reference: dict = {}
 
     def measure(runners: dict, prefills: dict) -> None:
-        """runners: name -> (step(b), OpenMP blocktime ms, untimed call before the step or None)."""
-        for run, _, _ in runners.values():  # warm-up: first calls allocate
+        """runners: name -> (step(b), untimed call right before the step or None)."""
+        for run, _ in runners.values():  # warm-up: first calls allocate
             for b in batches:
                 run(b)
         for _ in range(args.rounds):
@@ -201,8 +201,7 @@ def main() -> None:
                 bandwidth[t].append(value)
             floor = weight_bytes / max(bw[1], bw[2]) / 1e9
             for b in batches:
-                for name, (run, blocktime, before) in runners.items():
-                    quiet_openmp(blocktime)
+                for name, (run, before) in runners.items():
                     time.sleep(0.3)  # let the previous runner's spinning OpenMP/TBB threads go idle
                     if before is not None:
                         before(b)
@@ -219,7 +218,7 @@ def main() -> None:
                 run()
                 prefill_times.setdefault(name, []).append(time.perf_counter() - t0)
 
-    eager_runners = {} if args.no_eager else {"eager": (eager_step, 200, None)}
+    eager_runners = {} if args.no_eager else {"eager": (eager_step, None)}
     eager_prefills = {"eager": eager_prefill} if args.prefill and not args.no_eager else {}
     if eager_runners:
         for b in batches:
@@ -242,10 +241,9 @@ def main() -> None:
             if b in reference:  # each step rewrites the same cache position: same inputs, same answer
                 err = float(np.abs(run(b) - reference[b]).max() / np.abs(reference[b]).max())
                 print(f"{name} batch {b}: max |engine - eager| / max |eager| = {err:.2e}", flush=True)
-        runners = {name: (run, 0, None)}
+        runners = {name: (run, None)}
         if args.after_eager_head:
-            runners[name + "+head"] = (run, 0, eager_head)
-            runners[name + "+head/spin"] = (run, 200, eager_head)
+            runners[name + "+head"] = (run, eager_head)
         prefills = {}
         if args.prefill:
             prefills[name] = lambda engine=engine: engine.forward_hidden(prefill_embeds, prefill_cache, [0], [0]).numpy()

@@ -32,7 +32,6 @@ Usage (see CpuDecodeEngine):
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import itertools
 import os
@@ -68,20 +67,6 @@ def find_llama(model) -> LlamaModel:
 def openvino_available() -> bool:
     return hasattr(paddle.inference.Config, "enable_openvino_engine") and any(
         name.startswith("libopenvino") for name in os.listdir(os.path.join(os.path.dirname(paddle.__file__), "libs")))
-
-
-def quiet_openmp(blocktime_ms: int = 0) -> bool:
-    """Make Intel OpenMP's threads sleep `blocktime_ms` after each parallel region (its default: 200).
-
-    Paddle eager's MKL threads otherwise spin for 200 ms after every eager op (lm_head,
-    gen_head, the aligners between two steps), on the cores that OpenVINO's threads need
-    for the next step. Process-wide; costs eager code a thread wake-up per parallel region.
-    """
-    path = os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so")
-    if not os.path.exists(path):
-        return False
-    ctypes.CDLL(path).kmp_set_blocktime(int(blocktime_ms))
-    return True
 
 
 def _rms_norm(x, weight, eps):
@@ -253,8 +238,7 @@ class CpuDecodeEngine:
     """
 
     def __init__(self, model, *, threads: int | None = None, engine: str = "openvino",
-                 workdir: str | None = None, quiet_eager_threads: bool = True,
-                 release_eager_weights: bool = False):
+                 workdir: str | None = None, release_eager_weights: bool = False):
         self.llama = find_llama(model)
         c = self.llama.config
         if engine not in ("openvino", "onednn", "plain"):
@@ -290,8 +274,6 @@ class CpuDecodeEngine:
         finally:
             shutil.rmtree(root, ignore_errors=True)
         self.build_seconds = time.perf_counter() - started
-        if quiet_eager_threads:
-            quiet_openmp()
 
     def _bind_cache(self, cache: KVCache) -> None:
         if not isinstance(cache, KVCache):

@@ -12,7 +12,7 @@ import paddle  # noqa: E402
 import pytest  # noqa: E402
 
 from model.config import LlamaConfig  # noqa: E402
-from model.cpu_engine import CpuDecodeEngine, quiet_openmp  # noqa: E402
+from model.cpu_engine import CpuDecodeEngine  # noqa: E402
 from model.llama import LlamaModel  # noqa: E402
 
 TOLERANCE = 1e-4  # relative to the largest magnitude; fp32 reassociation alone gives ~1e-6
@@ -44,8 +44,7 @@ def model() -> LlamaModel:
 
 @pytest.fixture(scope="module")
 def engine(model) -> CpuDecodeEngine:
-    yield CpuDecodeEngine(model, threads=2)
-    quiet_openmp(200)  # the engine set OpenMP's blocktime to 0 process-wide; give other tests the default back
+    return CpuDecodeEngine(model, threads=2)
 
 
 def eager(model, embeds, cache, slots, start) -> np.ndarray:
@@ -163,7 +162,7 @@ def test_janus_tiny_greedy_decode_matches_eager():
     from model.loader import load_model
 
     janus = load_model(GOLDEN)
-    engine = CpuDecodeEngine(janus, threads=2, quiet_eager_threads=False)
+    engine = CpuDecodeEngine(janus, threads=2)
     prompt = np.array([[1, 5, 9, 33, 60, 7, 2, 11, 90, 4, 5, 6, 8]], np.int64)
     caches = janus.new_cache(2, 64, block_size=BLOCK), janus.new_cache(2, 64, block_size=BLOCK)
     tokens = {}
@@ -186,7 +185,7 @@ def test_release_eager_weights(model):
     clone = LlamaModel(model.config)
     clone.set_state_dict(model.state_dict())
     clone.eval()
-    engine = CpuDecodeEngine(clone, threads=2, release_eager_weights=True, quiet_eager_threads=False)
+    engine = CpuDecodeEngine(clone, threads=2, release_eager_weights=True)
     eager_cache, engine_cache = prefilled_caches(model, {1: 12}, seed=10)
     embeds = np.random.default_rng(11).standard_normal((1, 3, model.config.hidden_size)).astype(np.float32)
     want = eager(model, embeds, eager_cache, [1], [12])
