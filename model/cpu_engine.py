@@ -2,8 +2,8 @@
 
 Why: on CPU one decode step reads every weight once, so its speed is set by how close
 the matmul kernels get to memory bandwidth. Measured on the 2-core dev box (bench/
-cpu_decode_floor.py, full-size LM, 64 cached tokens): eager fp32 (MKL) ~410 ms at batch 2,
-~1080 ms at batch 8; this engine ~175-210 ms and ~320-370 ms, its programs streaming
+cpu_decode_floor.py, full-size LM, 64 cached tokens): eager fp32 (MKL) ~410-470 ms at batch 2,
+~1080-1290 ms at batch 8; this engine ~180-220 ms and ~320-370 ms, its programs streaming
 the weights at ~29 GB/s, about what a read-only pass over a large array achieves there.
 
 How: the weight-heavy parts of each layer run as OpenVINO programs exported from the
