@@ -143,8 +143,10 @@ class StepEvent:
 class DecodeBatch:
     """All running sequences of one model, sharing one preallocated KV cache."""
 
-    def __init__(self, model, *, slots: int, max_len: int):
+    def __init__(self, model, *, slots: int, max_len: int, forward_hidden=None):
+        """`forward_hidden`: another implementation of model.forward_hidden (e.g. model.cpu_engine's)."""
         self.model = model
+        self.forward_hidden = forward_hidden or model.forward_hidden
         self.max_len = max_len
         self.cache = model.new_cache(slots, max_len)
         self.pool = SlotPool(slots)
@@ -258,7 +260,7 @@ class DecodeBatch:
         return events
 
     def _forward(self, embeds, slots: list[int], starts: list[int]):
-        return self.model.forward_hidden(embeds, self.cache, np.asarray(slots, np.int64), np.asarray(starts, np.int64))
+        return self.forward_hidden(embeds, self.cache, np.asarray(slots, np.int64), np.asarray(starts, np.int64))
 
     def _accept_text(self, seq: TextSequence, logits: np.ndarray) -> list[StepEvent]:
         token = sample_token(logits, seq.params, seq.rng)

@@ -277,3 +277,19 @@ def test_request_timeout(loop, tmp_path):
         assert engine.stats().running_rows == 0
     finally:
         loop.run(engine.stop())
+
+
+def test_openvino_cpu_engine_serves_what_eager_serves(loop, engine, tmp_path):
+    """The opt-in OpenVINO decode path gives the eager engine's greedy text and image tokens."""
+    requests = [understand_request(11, max_new_tokens=12), understand_request(12, max_new_tokens=12),
+                GenerateRequest(prompt="a green square", seed=3, temperature=0.0)]
+
+    async def run_all(target):
+        return await asyncio.gather(*(run_one(target, r) for r in requests))
+
+    eager = loop.run(run_all(engine))
+    fast = start_engine(loop, tmp_path, cpu_engine="openvino")
+    try:
+        assert [outcome(r) for r in loop.run(run_all(fast))] == [outcome(r) for r in eager]
+    finally:
+        loop.run(fast.stop())

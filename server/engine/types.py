@@ -202,3 +202,4 @@ class EngineConfig:
     request_timeout: float = 600.0  # seconds, queue + run
     offline: bool = False  # never download
     threads: int | None = None  # CPU threads per worker (OMP_NUM_THREADS); None: all cores / workers
+    cpu_engine: str = "eager"  # "openvino": decode steps on CPU through Paddle Inference + OpenVINO (float32)

@@ -29,6 +29,7 @@ class WorkerConfig:
     max_batch_rows: int
     max_cache_tokens: int
     max_running_requests: int = 0
+    cpu_engine: str = "eager"
     threads: int | None = None
     eos_id: int = 0
     pad_id: int = 0
@@ -79,7 +80,12 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         dtype = None if config.dtype == "auto" else config.dtype
         model = load_model(config.model_path, dtype=dtype, device=device)
         row_len = row_length(config, model.config.language.max_position_embeddings)
-        batch = DecodeBatch(model, slots=config.max_batch_rows, max_len=row_len)
+        forward_hidden = None
+        if device == "cpu" and config.cpu_engine == "openvino":
+            from model.cpu_engine import CpuDecodeEngine
+
+            forward_hidden = CpuDecodeEngine(model).forward_hidden
+        batch = DecodeBatch(model, slots=config.max_batch_rows, max_len=row_len, forward_hidden=forward_hidden)
     except Exception as error:  # noqa: BLE001 - the parent reports it and stops retrying
         outbox.put(("fatal", f"{type(error).__name__}: {error}"))
         return
