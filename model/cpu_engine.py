@@ -44,7 +44,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .llama import KVCache, LlamaModel, rotary_cos_sin
+from .llama import KVCache, LlamaModel, _host_int64, rotary_cos_sin
 
 _BUILD_IDS = itertools.count()
 
@@ -410,11 +410,3 @@ class CpuDecodeEngine:
                 (res,) = program(attn, res)
         return res
 
-
-def _host_int64(value, batch: int, what: str) -> np.ndarray:
-    if isinstance(value, paddle.Tensor):
-        value = value.numpy()
-    array = np.asarray(value, dtype=np.int64).reshape(-1)
-    if array.shape != (batch,):
-        raise ValueError(f"{what} must hold one value per batch row ({batch}), got shape {list(np.shape(value))}")
-    return array
