@@ -319,7 +319,7 @@ class EngineClient:
                     piece = decoder.flush_all()
                     if piece:
                         yield TokenEvent(piece, [])
-                    yield self._text_result(request, decoder, data["finish_reason"], data)
+                    yield self._text_result(request, decoder, "stop" if decoder.stopped else data["finish_reason"], data)
                     return
         finally:
             if not request.finished:
@@ -576,37 +576,40 @@ async def last_item(stream: AsyncIterator):
 
 
 class StopStringDecoder:
-    """Token ids -> text for streaming: holds back incomplete characters and possible stop-string starts."""
+    """Token ids -> text for streaming: the processor's incremental decoder, plus stop strings.
+
+    Text that could still become the start of a stop string is held back until it cannot.
+    """
 
     def __init__(self, processor, stop: list[str]):
-        self.processor = processor
+        self.decoder = processor.incremental_decoder(skip_special_tokens=True)
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
         self.stopped = False
 
-    def add(self, token: int) -> bool:
+    def add(self, token: int) -> None:
         self.ids.append(token)
-        text = self.processor.decode(self.ids, skip_special_tokens=True)
+        self._append(self.decoder.push(token))
+
+    def _append(self, piece: str) -> None:
+        searched_from = len(self.text)
+        self.text += piece
         for stop in self.stop:
-            at = text.find(stop)
+            at = self.text.find(stop, max(0, searched_from - len(stop) + 1))
             if at != -1:
-                text = text[:at]
+                self.text = self.text[:at]
                 self.stopped = True
-        self.text = text
-        return self.stopped
 
     def flush_ready(self) -> str:
         """Text safe to send now."""
         end = len(self.text)
         if not self.stopped:
-            if self.text.endswith("\ufffd"):
-                end = len(self.text.rstrip("\ufffd"))
             for stop in self.stop:
                 for k in range(min(len(stop) - 1, end), 0, -1):
-                    if self.text[:end].endswith(stop[:k]):
-                        end = min(end, len(self.text[:end]) - k)
+                    if self.text.endswith(stop[:k]):
+                        end = min(end, len(self.text) - k)
                         break
         end = max(end, self.sent)
         piece = self.text[self.sent:end]
@@ -614,6 +617,9 @@ class StopStringDecoder:
         return piece
 
     def flush_all(self) -> str:
+        """The rest of the text once generation has ended (incomplete characters as U+FFFD)."""
+        if not self.stopped:
+            self._append(self.decoder.finish())
         piece = self.text[self.sent:]
         self.sent = len(self.text)
         return piece
