@@ -225,9 +225,12 @@ def test_full_queue_answers_overloaded_at_once(loop, tmp_path):
         async def scenario():
             running = [asyncio.create_task(engine.understand(understand_request(i, max_new_tokens=400)))
                        for i in range(3)]
-            while engine.stats().running_requests < 1:
+            # Each request is preprocessed off the loop before it is queued, so wait
+            # for all three to be in: one running, two waiting.
+            deadline = time.monotonic() + 30
+            while not (engine.stats().running_requests == 1 and engine.stats().queue_length == 2):
+                assert time.monotonic() < deadline, engine.stats()
                 await asyncio.sleep(0.01)
-            assert engine.stats().queue_length == 2
             started = time.monotonic()
             with pytest.raises(OverloadedError) as info:
                 await engine.understand(understand_request(9))
