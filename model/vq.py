@@ -47,13 +47,14 @@ class AttnBlock(nn.Layer):
         self.proj_out = nn.Conv2D(channels, channels, 1)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        batch, channels, height, width = x.shape
+        # Written to export as a static program too (cpu VQ engine): batch stays symbolic (0 in reshape).
+        _, channels, height, width = x.shape
         h = self.norm(x)
-        q = self.q(h).reshape([batch, channels, height * width])
-        k = self.k(h).reshape([batch, channels, height * width])
-        v = self.v(h).reshape([batch, channels, height * width])
-        weights = F.softmax(paddle.matmul(q, k, transpose_x=True) * (channels**-0.5), axis=-1)  # [B, query, key]
-        out = paddle.matmul(v, weights, transpose_y=True).reshape([batch, channels, height, width])
+        q = self.q(h).reshape([0, channels, height * width])
+        k = self.k(h).reshape([0, channels, height * width])
+        v = self.v(h).reshape([0, channels, height * width])
+        weights = F.softmax((q.transpose([0, 2, 1]) @ k) * (channels**-0.5), axis=-1)  # [B, query, key]
+        out = (v @ weights.transpose([0, 2, 1])).reshape([0, channels, height, width])
         return x + self.proj_out(out)
 
 

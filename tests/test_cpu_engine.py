@@ -12,7 +12,7 @@ import paddle  # noqa: E402
 import pytest  # noqa: E402
 
 from model.config import LlamaConfig  # noqa: E402
-from model.cpu_engine import CpuDecodeEngine  # noqa: E402
+from model.cpu_engine import CpuDecodeEngine, CpuVQDecoder  # noqa: E402
 from model.llama import LlamaModel  # noqa: E402
 
 TOLERANCE = 1e-4  # relative to the largest magnitude; fp32 reassociation alone gives ~1e-6
@@ -192,3 +192,23 @@ def test_release_eager_weights(model):
     assert relative_error(engine.forward_hidden(embeds, engine_cache, [1], [12]).numpy(), want) < TOLERANCE
     with pytest.raises(RuntimeError, match="holds no memory"):
         eager(clone, embeds, clone.new_cache(2, 16), [0], [0])
+
+
+def test_vq_decoder_program_reproduces_the_golden_images():
+    """The OpenVINO VQ decoder against the official implementation's decoded pixels and uint8 images."""
+    from model.loader import load_model
+    from model.janus import to_uint8_images
+
+    janus = load_model(GOLDEN)
+    decoder = CpuVQDecoder(janus, threads=2)
+    with np.load(GOLDEN / "cases.npz") as data:
+        codes, decoded, images = data["vq_decode.codes"], data["vq_decode.decoded"], data["vq_decode.images_uint8"]
+    got = decoder.decode(codes)
+    np.testing.assert_allclose(got, decoded, rtol=0, atol=1e-4)
+    diff = np.abs(to_uint8_images(got).astype(np.int16) - images.astype(np.int16))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size
+    np.testing.assert_allclose(decoder.decode(codes[1:]), decoded[1:], rtol=0, atol=1e-4)  # batch size changes freely
+    with pytest.raises(ValueError, match="codes must lie"):
+        decoder.decode(np.full((1, 576), 10**6))
+    with pytest.raises(ValueError, match="576"):
+        decoder.decode(np.zeros((1, 100), np.int64))
