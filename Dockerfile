@@ -80,7 +80,7 @@ RUN grep -v '^paddlepaddle==' constraints.txt > /tmp/constraints-gpu.txt \
  && /opt/venv/bin/pip install --no-cache-dir -c /tmp/constraints-gpu.txt \
         --index-url "${PADDLE_INDEX_URL}" --extra-index-url https://pypi.org/simple \
         "paddlepaddle-gpu==${PADDLE_GPU_VERSION}" \
- && /opt/venv/bin/python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith("paddlepaddle")))' > /tmp/requirements-gpu.txt \
+ && /opt/venv/bin/python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith(("paddlepaddle", "openvino"))))' > /tmp/requirements-gpu.txt \
  && /opt/venv/bin/pip install --no-cache-dir -c /tmp/constraints-gpu.txt -r /tmp/requirements-gpu.txt \
  && /opt/venv/bin/pip install --no-cache-dir --no-deps .
 

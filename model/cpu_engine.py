@@ -429,24 +429,37 @@ class _VQPart(nn.Layer):
         return self.decoder(self.post_quant_conv(z))
 
 
+def openvino_runtime_available() -> bool:
+    """The `openvino` Python package (its infer() releases the GIL, unlike Paddle Inference's run())."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
 class CpuVQDecoder:
-    """The VQ decoder (post_quant_conv + convolutional decoder) as one OpenVINO program, float32.
+    """The VQ decoder (post_quant_conv + convolutional decoder) as one OpenVINO model, float32.
 
     Why: Paddle's CPU conv2d runs the decoder's 3x3 convolutions at ~11 GFLOP/s on the
-    2-core dev box; OpenVINO's run them about 4x faster (janus-tiny: ~1.6 s -> ~0.4 s per
+    2-core dev box; OpenVINO runs them about 4x faster (janus-tiny: ~1.6 s -> ~0.4 s per
     384x384 image), with the same float32 numbers to ~2e-5.
 
     decoder = CpuVQDecoder(model)            # model: JanusModel; exports + compiles once
     pixels = decoder.decode(codes)           # [N, 576] int codes -> [N, 3, 384, 384] float32 numpy
-    The codebook lookup stays eager (one small gather). The batch size may change freely.
-    The predictor is separate from eager Paddle, so a thread may call decode() while another
-    runs the eager model; decode() itself is not re-entrant (one caller at a time).
+
+    The decoder is exported from the eager model's own parameters as a Paddle program and
+    compiled by the `openvino` package's Paddle frontend, with float32 inference precision
+    pinned (OpenVINO would otherwise pick bf16 on CPUs that have it). Its infer() releases
+    the GIL, so a thread can decode images while the eager decode loop keeps stepping. The
+    codebook lookup stays eager (one small gather); the batch size may change freely.
+    decode() is not re-entrant: one caller at a time.
     """
 
     def __init__(self, model, *, threads: int | None = None, workdir: str | None = None,
                  image_tokens: int = 576):
-        if not openvino_available():
-            raise EngineUnavailable("this paddlepaddle wheel has no OpenVINO engine")
+        if not openvino_runtime_available():
+            raise EngineUnavailable("the openvino package is not installed")
+        import openvino
+
         self.vq = model.gen_vision_model
         if self.vq.post_quant_conv.weight.dtype != paddle.float32:
             raise ValueError("CpuVQDecoder is float32 only; the model is " + str(self.vq.post_quant_conv.weight.dtype))
@@ -455,13 +468,22 @@ class CpuVQDecoder:
             raise ValueError(f"{image_tokens} image tokens do not form a square grid")
         self.image_tokens = image_tokens
         self.threads = threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-        tag = f"vq_{os.getpid()}_{next(_BUILD_IDS)}"
         root = tempfile.mkdtemp(prefix="janus-cpu-vq-", dir=workdir)
         started = time.perf_counter()
         try:
-            self.program = _Program(_VQPart(self.vq, self.side), root, tag, self.threads, "openvino")
+            part = _VQPart(self.vq, self.side)
+            spec = part.input_spec("vq")
+            path = os.path.join(root, "vq")
+            with paddle.pir_utils.DygraphOldIrGuard():  # the Paddle frontend reads the old program format
+                static = paddle.jit.to_static(part, input_spec=spec, full_graph=True)
+                paddle.jit.save(static, path, input_spec=spec)
+            core = openvino.Core()
+            self.compiled = core.compile_model(core.read_model(path + ".pdmodel"), "CPU", {
+                "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": self.threads,
+                "PERFORMANCE_HINT": "LATENCY"})
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)  # compiled: the weights live in OpenVINO now
+        self.request = self.compiled.create_infer_request()
         self.build_seconds = time.perf_counter() - started
 
     def latent(self, codes) -> np.ndarray:
@@ -475,5 +497,9 @@ class CpuVQDecoder:
             return self.vq.lookup(paddle.to_tensor(codes)).numpy()
 
     def decode(self, codes) -> np.ndarray:
-        (pixels,) = self.program(np.ascontiguousarray(self.latent(codes), dtype=np.float32))
+        z = np.ascontiguousarray(self.latent(codes), dtype=np.float32)
+        pixels = np.array(self.request.infer({0: z})[0], dtype=np.float32, copy=True)
+        size = self.side * 2 ** (len(self.vq.config.ch_mult) - 1)
+        if pixels.shape != (z.shape[0], 3, size, size):
+            raise RuntimeError(f"VQ decoder output {list(pixels.shape)} for {z.shape[0]} images")
         return pixels

@@ -296,3 +296,61 @@ def test_openvino_cpu_engine_serves_what_eager_serves(loop, engine, tmp_path):
         assert [outcome(r) for r in loop.run(run_all(fast))] == [outcome(r) for r in eager]
     finally:
         loop.run(fast.stop())
+
+
+def test_openvino_vq_decoder_matches_eager_vq_decode(loop, engine, tmp_path):
+    """The engine's default CPU VQ decoder (OpenVINO, in a thread) gives the eager decoder's images."""
+    request = GenerateRequest(prompt="a blue triangle", seed=5, n=2, temperature=1.0)
+    fast = loop.run(engine.generate_images(request))
+    assert fast.timings.vq_decode > 0
+    eager = start_engine(loop, tmp_path, cpu_vq="eager")
+    try:
+        slow = loop.run(eager.generate_images(request))
+    finally:
+        loop.run(eager.stop())
+    for a, b in zip(fast.images, slow.images):
+        diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size
+
+
+def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():
+    """Scheduler's VQ thread: a decode error fails its request only; a cancelled request gets no decode."""
+    import queue as queue_module
+    import threading
+
+    from server.engine.worker import RunningRequest, Scheduler, WorkerConfig
+
+    class Decoder:
+        def __init__(self):
+            self.seen = []
+            self.gate = threading.Event()
+
+        def decode(self, codes):
+            self.gate.wait(10)
+            self.seen.append(int(codes[0, 0]))
+            if codes[0, 0] == 1:
+                raise ValueError("bad codes")
+            return np.zeros((len(codes), 3, 4, 4), np.float32)
+
+    class Batch:  # the scheduler only reads the row count here
+        rows = 0
+
+    decoder = Decoder()
+    outbox = queue_module.Queue()
+    config = WorkerConfig(model_path="", device="cpu", dtype="float32", max_batch_rows=4, max_cache_tokens=64)
+    scheduler = Scheduler(None, Batch(), config, queue_module.Queue(), outbox, vq_decoder=decoder)
+    for rid, first in (("good", 0), ("bad", 1), ("gone", 2)):
+        scheduler.running[rid] = RunningRequest(rid, "generate", 2, time.perf_counter())
+        scheduler.finish_images(rid, np.full((1, 576), first, np.int64))
+    scheduler.flush()
+    scheduler.cancel("gone")
+    decoder.gate.set()
+    events = {}
+    while len(events) < 2:
+        kind, batch_events, _ = outbox.get(timeout=10)
+        events.update({rid: (event, data) for rid, event, data in batch_events})
+    assert events["good"][0] == "images_done" and events["good"][1]["images"][0].shape == (4, 4, 3)
+    assert events["bad"][0] == "error" and "bad codes" in events["bad"][1]
+    time.sleep(0.2)
+    assert outbox.empty() and decoder.seen == [0, 1]
+    assert not scheduler.vq_waiting and not scheduler.vq_cancelled

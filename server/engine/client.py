@@ -153,7 +153,8 @@ class EngineClient:
         return WorkerConfig(
             model_path=str(self._model_path), device=worker.device, dtype=self.config.dtype,
             max_batch_rows=self.config.max_batch_rows, max_cache_tokens=self.config.max_cache_tokens,
-            max_running_requests=self.config.max_running_requests, cpu_engine=self.config.cpu_engine, threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
+            max_running_requests=self.config.max_running_requests, cpu_engine=self.config.cpu_engine,
+            cpu_vq=self.config.cpu_vq, threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
 
     def _spawn(self, worker: WorkerHandle) -> None:
         worker.inbox = self._ctx.Queue()

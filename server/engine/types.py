@@ -203,3 +203,4 @@ class EngineConfig:
     offline: bool = False  # never download
     threads: int | None = None  # CPU threads per worker (OMP_NUM_THREADS); None: all cores / workers
     cpu_engine: str = "eager"  # "openvino": decode steps on CPU through Paddle Inference + OpenVINO (float32)
+    cpu_vq: str = "auto"  # CPU VQ decoder: "openvino" (in a thread beside the decode loop), "eager", "auto"

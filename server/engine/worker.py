@@ -9,16 +9,24 @@ Messages in:  ("understand", rid, payload) | ("generate", rid, payload) | ("canc
 Messages out: ("ready", info) | ("fatal", message) | ("events", [event, ...], stats)
 An event is (rid, kind, data): kind "token" (id), "progress" (step),
 "text_done" / "images_done" (result dict), "error" (message).
+
+Finished image codes are VQ-decoded inline (GPU, or eager on CPU), or on CPU by a
+thread running the OpenVINO VQ decoder, which releases the GIL: the loop keeps
+stepping the other rows meanwhile, and the thread posts its own "events" messages.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import queue
+import threading
 import time
 import traceback
 from typing import Any
+
+log = logging.getLogger("janus.worker")
 
 
 @dataclasses.dataclass
@@ -30,6 +38,7 @@ class WorkerConfig:
     max_cache_tokens: int
     max_running_requests: int = 0
     cpu_engine: str = "eager"
+    cpu_vq: str = "auto"
     threads: int | None = None
     eos_id: int = 0
     pad_id: int = 0
@@ -86,18 +95,36 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
 
             forward_hidden = CpuDecodeEngine(model).forward_hidden
         batch = DecodeBatch(model, slots=config.max_batch_rows, max_len=row_len, forward_hidden=forward_hidden)
+        vq_decoder = make_vq_decoder(model, device, config.cpu_vq)
     except Exception as error:  # noqa: BLE001 - the parent reports it and stops retrying
         outbox.put(("fatal", f"{type(error).__name__}: {error}"))
         return
     outbox.put(("ready", {"device": device, "row_length": row_len, "rows": config.max_batch_rows,
                           "pid": os.getpid()}))
-    Scheduler(model, batch, config, inbox, outbox).run()
+    Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder).run()
+
+
+def make_vq_decoder(model, device: str, choice: str):
+    """The OpenVINO VQ decoder on CPU when asked for (or "auto" and available); None: eager, inline."""
+    if device != "cpu" or choice == "eager":
+        return None
+    from model.cpu_engine import CpuVQDecoder, openvino_runtime_available
+
+    if choice == "auto" and not openvino_runtime_available():
+        return None
+    try:
+        return CpuVQDecoder(model)
+    except Exception:
+        if choice == "openvino":
+            raise
+        log.warning("OpenVINO VQ decoder unavailable, decoding images with eager Paddle", exc_info=True)
+        return None
 
 
 class Scheduler:
     """Admission and stepping for one worker; FIFO admission, every admitted row steps together."""
 
-    def __init__(self, model, batch, config: WorkerConfig, inbox, outbox):
+    def __init__(self, model, batch, config: WorkerConfig, inbox, outbox, *, vq_decoder=None):
         self.model = model
         self.batch = batch
         self.config = config
@@ -108,6 +135,15 @@ class Scheduler:
         self.steps = 0
         self.reported_rows = 0
         self.events: list[tuple] = []
+        # With a VQ decoder program (CPU), finished codes are decoded by a thread beside the decode
+        # loop, so that the running rows keep stepping; the thread posts its results itself.
+        self.vq_decoder = vq_decoder
+        self.vq_ready: list[tuple] = []  # handed to the thread at the next flush, after that step's events
+        self.vq_jobs: queue.Queue = queue.Queue()
+        self.vq_waiting: set[str] = set()
+        self.vq_cancelled: set[str] = set()
+        if vq_decoder is not None:
+            threading.Thread(target=self.vq_loop, name="vq-decode", daemon=True).start()
 
     def run(self) -> None:
         while True:
@@ -139,6 +175,8 @@ class Scheduler:
                 return True
 
     def cancel(self, rid: str) -> None:
+        if rid in self.vq_waiting:
+            self.vq_cancelled.add(rid)
         self.pending = collections.deque(m for m in self.pending if m[1] != rid)
         if self.running.pop(rid, None) is not None:
             self.batch.remove(rid)
@@ -212,6 +250,10 @@ class Scheduler:
         from model.generation import decode_images
 
         request = self.running.pop(rid)
+        if self.vq_decoder is not None:
+            self.vq_waiting.add(rid)
+            self.vq_ready.append((rid, codes, self.timings(request)))
+            return
         started = time.perf_counter()
         try:
             images = decode_images(self.model, codes)
@@ -234,3 +276,28 @@ class Scheduler:
             self.outbox.put(("events", self.events, {"steps": self.steps, "rows": rows}))
             self.events = []
             self.reported_rows = rows
+        for job in self.vq_ready:
+            self.vq_jobs.put(job)
+        self.vq_ready = []
+
+    def vq_loop(self) -> None:
+        """Thread: decode finished image codes with the VQ program and post the images."""
+        from model.generation import to_uint8_images
+
+        while True:
+            rid, codes, timings = self.vq_jobs.get()
+            if rid in self.vq_cancelled:
+                event = None
+            else:
+                started = time.perf_counter()
+                try:
+                    images = to_uint8_images(self.vq_decoder.decode(codes))
+                    event = (rid, "images_done", {"images": list(images), **timings,
+                                                  "vq_decode": time.perf_counter() - started})
+                except Exception as error:  # noqa: BLE001 - this request fails alone
+                    detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+                    event = (rid, "error", detail)
+            self.vq_cancelled.discard(rid)
+            self.vq_waiting.discard(rid)
+            if event is not None:
+                self.outbox.put(("events", [event], {"steps": self.steps, "rows": self.reported_rows}))
