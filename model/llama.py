@@ -15,6 +15,11 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .config import LlamaConfig
+from .cpu_attention import Group, attend, plan_groups
+
+# Cached-token attention on CPU float32 runs in numpy on the cache's memory (model/cpu_attention.py);
+# False keeps it in Paddle everywhere (for comparison: bench/cpu_attention_bench.py).
+CPU_NUMPY_ATTENTION = True
 
 
 class KVCache:
@@ -55,7 +60,8 @@ class _Step:
     write_offset: paddle.Tensor
     read_slots: paddle.Tensor | None  # None: the batch is every cache slot in order, read without a gather
     read_blocks: int
-    mask: paddle.Tensor  # [read_blocks, B, 1, 1, T, block_size] additive; fresh: [T, T] causal
+    mask: paddle.Tensor | None  # [read_blocks, B, 1, 1, T, block_size] additive; fresh: [T, T] causal
+    groups: list[Group] | None = None  # set: attend over the cache in numpy (CPU float32), mask unused
     fresh: bool = False  # every row starts at position 0: attend to the new keys only, not the cache
 
 
@@ -109,6 +115,10 @@ class Attention(nn.Layer):
 
         if step.fresh:
             return self.o_proj(self._fresh_attention(q, k, v.reshape([batch, length, kv_heads, head_dim]), step.mask))
+        if step.groups is not None:
+            out = attend(q.reshape([batch * length, heads, head_dim]).numpy(), np.from_dlpack(k_cache),
+                         np.from_dlpack(v_cache), step.groups, kv_heads=kv_heads, length=length, scale=self.scale)
+            return self.o_proj(paddle.to_tensor(out.reshape(batch, length, heads * head_dim)))
 
         keys = k_cache[: step.read_blocks]
         values = v_cache[: step.read_blocks]
@@ -226,12 +236,17 @@ class LlamaModel(nn.Layer):
         fresh = length > 1 and not start.any()
         if fresh:
             causal = np.triu(np.full((length, length), -np.inf, np.float32), k=1)
+        on_host = (not fresh and CPU_NUMPY_ATTENTION and dtype == paddle.float32
+                   and cache.k[0].place.is_cpu_place())
         read_blocks = -(-(int(positions.max()) + 1) // block_size)
-        key_positions = np.arange(read_blocks * block_size, dtype=np.int64).reshape(read_blocks, 1, 1, block_size)
-        allowed = key_positions <= positions[None, :, :, None]  # [blocks, B, T, block]
-        if fresh:
+        groups = mask = None
+        if on_host:
+            groups = plan_groups(slots, positions, block_size)
+        elif fresh:
             mask = causal
         else:
+            key_positions = np.arange(read_blocks * block_size, dtype=np.int64).reshape(read_blocks, 1, 1, block_size)
+            allowed = key_positions <= positions[None, :, :, None]  # [blocks, B, T, block]
             mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf))
             mask = mask.reshape(read_blocks, batch, 1, 1, length, block_size)
         every_slot = batch == cache.num_slots and bool((slots == np.arange(batch)).all())
@@ -241,10 +256,11 @@ class LlamaModel(nn.Layer):
             write_block=paddle.to_tensor(positions // block_size),
             write_slot=paddle.to_tensor(np.broadcast_to(slots[:, None], positions.shape).copy()),
             write_offset=paddle.to_tensor(positions % block_size),
-            read_slots=None if every_slot else paddle.to_tensor(slots),
+            read_slots=None if every_slot or on_host else paddle.to_tensor(slots),
             read_blocks=read_blocks,
-            mask=_to_dtype(paddle.to_tensor(mask), dtype),
+            mask=None if mask is None else _to_dtype(paddle.to_tensor(mask), dtype),
             fresh=fresh,
+            groups=groups,
         )
 
 

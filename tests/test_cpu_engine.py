@@ -200,7 +200,7 @@ def test_vq_decoder_program_reproduces_the_golden_images():
     from model.janus import to_uint8_images
 
     janus = load_model(GOLDEN)
-    decoder = CpuVQDecoder(janus, threads=2)
+    decoder = CpuVQDecoder(janus, threads=2, single_thread_copy=True)
     with np.load(GOLDEN / "cases.npz") as data:
         codes, decoded, images = data["vq_decode.codes"], data["vq_decode.decoded"], data["vq_decode.images_uint8"]
     got = decoder.decode(codes)
@@ -208,7 +208,28 @@ def test_vq_decoder_program_reproduces_the_golden_images():
     diff = np.abs(to_uint8_images(got).astype(np.int16) - images.astype(np.int16))
     assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size
     np.testing.assert_allclose(decoder.decode(codes[1:]), decoded[1:], rtol=0, atol=1e-4)  # batch size changes freely
+    np.testing.assert_allclose(decoder.decode(codes, single_thread=True), decoded, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="codes must lie"):
         decoder.decode(np.full((1, 576), 10**6))
     with pytest.raises(ValueError, match="576"):
         decoder.decode(np.zeros((1, 100), np.int64))
+
+
+@pytest.mark.parametrize("slots, starts, tokens", [
+    ([1], [12], 1),  # one row, partial block
+    ([4, 0, 2], [30, 12, 21], 1),  # rows out of slot order, with gaps: three groups
+    ([2, 3], [21, 40], 3),  # consecutive slots, several new tokens each (causal within them)
+])
+def test_eager_numpy_attention_matches_paddle_attention(model, slots, starts, tokens, monkeypatch):
+    """Eager forward on CPU attends in numpy (model/cpu_attention.py); the Paddle path gives the same."""
+    import model.llama as llama
+
+    lengths = {0: 12, 1: 12, 2: 21, 3: 40, 4: 30}
+    caches = prefilled_caches(model, lengths, seed=20)
+    embeds = np.random.default_rng(21).standard_normal((len(slots), tokens, model.config.hidden_size)).astype(np.float32)
+    got = eager(model, embeds, caches[0], slots, starts)
+    monkeypatch.setattr(llama, "CPU_NUMPY_ATTENTION", False)
+    want = eager(model, embeds, caches[1], slots, starts)
+    assert relative_error(got, want) < TOLERANCE
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # later layers: rounding apart
+        assert relative_error(a.numpy(), b.numpy()) < TOLERANCE

@@ -325,7 +325,7 @@ def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():
             self.seen = []
             self.gate = threading.Event()
 
-        def decode(self, codes):
+        def decode(self, codes, *, single_thread=False):
             self.gate.wait(10)
             self.seen.append(int(codes[0, 0]))
             if codes[0, 0] == 1:

@@ -113,7 +113,7 @@ def make_vq_decoder(model, device: str, choice: str):
     if choice == "auto" and not openvino_runtime_available():
         return None
     try:
-        return CpuVQDecoder(model)
+        return CpuVQDecoder(model, single_thread_copy=True)
     except Exception:
         if choice == "openvino":
             raise
@@ -291,7 +291,8 @@ class Scheduler:
             else:
                 started = time.perf_counter()
                 try:
-                    images = to_uint8_images(self.vq_decoder.decode(codes))
+                    # One core while the loop has rows to step (it needs the others), all when idle.
+                    images = to_uint8_images(self.vq_decoder.decode(codes, single_thread=bool(self.running)))
                     event = (rid, "images_done", {"images": list(images), **timings,
                                                   "vq_decode": time.perf_counter() - started})
                 except Exception as error:  # noqa: BLE001 - this request fails alone
