@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
+from starlette.responses import Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +24,8 @@ from server.errors import (
     CLIENT_CLOSED_REQUEST,
     APIError,
     error_response,
+    handle_api_error,
+    handle_request_validation_error,
     install_error_handlers,
     internal_error_response,
 )
@@ -41,7 +45,11 @@ bearer_scheme = HTTPBearer(auto_error=False, description="The server's API key (
 async def require_api_key(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)
 ) -> None:
-    expected = request.app.state.settings.api_key
+    check_api_key(request.app.state.settings, credentials)
+
+
+def check_api_key(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> None:
+    expected = settings.api_key
     if expected is None:
         return
     challenge = {"WWW-Authenticate": "Bearer"}
@@ -51,6 +59,23 @@ async def require_api_key(
         )
     if not hmac.compare_digest(credentials.credentials.encode(), expected.get_secret_value().encode()):
         raise APIError(401, "Invalid API key.", code="invalid_api_key", headers=challenge)
+
+
+def is_protected(request: Request) -> bool:
+    """Whether the matched route sits behind the API key (the native and OpenAI routers)."""
+    route = request.scope.get("route")
+    return route is not None and any(route is r for r in (*routes_native.router.routes, *routes_openai.router.routes))
+
+
+async def handle_request_validation_error_after_auth(request: Request, exc: RequestValidationError) -> Response:
+    """FastAPI parses and validates the body before it runs the route's dependencies, so a malformed
+    body would answer 400 before the API key is looked at: check the key first."""
+    if is_protected(request):
+        try:
+            check_api_key(request.app.state.settings, await bearer_scheme(request))
+        except APIError as error:
+            return await handle_api_error(request, error)
+    return await handle_request_validation_error(request, exc)
 
 
 class RequestMiddleware:
@@ -215,6 +240,7 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
     app.state.metrics = metrics
     app.state.started = int(time.time())
     install_error_handlers(app)
+    app.add_exception_handler(RequestValidationError, handle_request_validation_error_after_auth)
     document_limits(app, settings)
     protected = [Depends(require_api_key)]
     app.include_router(routes_ops.router)

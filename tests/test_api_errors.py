@@ -138,6 +138,12 @@ CASES = [
          401, "missing_api_key", error_type="authentication_error"),
     Case("wrong API key", "POST", CHAT_URL, {**chat(), "headers": {"Authorization": "Bearer wrong"}},
          401, "invalid_api_key", error_type="authentication_error"),
+    Case("missing API key, invalid JSON", "POST", CHAT_URL,
+         {"content": b'{"messages": [}', "headers": {"Content-Type": "application/json", "Authorization": ""}},
+         401, "missing_api_key", error_type="authentication_error"),
+    Case("wrong API key, invalid fields", "POST", "/generate",
+         {"json": {"prompt": 3, "n": "x"}, "headers": {"Authorization": "Bearer wrong"}},
+         401, "invalid_api_key", error_type="authentication_error"),
     Case("unknown route", "GET", "/v1/completions", {}, 404, "not_found"),
     Case("unknown route, POST", "POST", "/understandd", understand(), 404, "not_found"),
     Case("wrong method", "GET", "/understand", {}, 405, "method_not_allowed"),
@@ -253,3 +259,46 @@ def test_server_still_serves_after_bad_input(server, client):
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] >= 1
     assert API_KEY not in response.text
+
+
+def test_a_full_queue_answers_429_over_http_and_the_accepted_requests_finish(server_loop, janus_home):
+    """Own engine: one request at a time, one waiting place. With both taken, every model route answers 429."""
+    import threading
+    import time
+
+    from conftest import server_settings
+
+    settings = server_settings(janus_home, max_batch_rows=2, max_running_requests=1, max_queue=1,
+                               max_new_tokens_limit=2000)
+    live = server_loop.start(settings)
+    with live.client() as http:
+        deadline = time.monotonic() + 120
+        while http.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the overload server never became ready"
+            time.sleep(0.1)
+        accepted: list[Any] = [None, None]
+
+        def hold(index: int) -> None:  # long enough to keep the row and the queue place taken
+            with live.client() as own:
+                accepted[index] = own.post("/understand", json={
+                    "question": f"Tell a long story number {index}.", "max_new_tokens": 1500,
+                    "temperature": 0.0})
+
+        threads = [threading.Thread(target=hold, args=(i,)) for i in range(2)]
+        for thread, wanted in zip(threads, ((1, 0), (1, 1))):
+            thread.start()
+            while (live.engine.stats().running_requests, live.engine.stats().queue_length) != wanted:
+                assert time.monotonic() < deadline, live.engine.stats()
+                time.sleep(0.01)
+        refused = [http.post("/understand", json={"question": "And me?", "max_new_tokens": 2}),
+                   http.post("/generate", json={"prompt": "a cat", "seed": 1}),
+                   http.post(CHAT_URL, json={"model": "janus-tiny", "max_tokens": 2,
+                                             "messages": [{"role": "user", "content": "hi"}]})]
+        for thread in threads:
+            thread.join(120)
+    for response in refused:
+        assert response.status_code == 429, response.text
+        assert int(response.headers["retry-after"]) >= 1
+        error = response.json()["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == "overloaded" and error["message"]
+    assert [r.status_code for r in accepted] == [200, 200], [r.text[:200] for r in accepted]
