@@ -291,8 +291,9 @@ class Scheduler:
             else:
                 started = time.perf_counter()
                 try:
-                    # One core while the loop has rows to step (it needs the others), all when idle.
-                    images = to_uint8_images(self.vq_decoder.decode(codes, single_thread=bool(self.running)))
+                    # One core while the loop has rows to step, unless images are piling up; all when idle.
+                    single = bool(self.running) and len(self.vq_waiting) <= 1
+                    images = to_uint8_images(self.vq_decoder.decode(codes, single_thread=single))
                     event = (rid, "images_done", {"images": list(images), **timings,
                                                   "vq_decode": time.perf_counter() - started})
                 except Exception as error:  # noqa: BLE001 - this request fails alone
