@@ -55,13 +55,14 @@ class _Step:
 
     cos: paddle.Tensor  # [B, T, 1, head_dim]
     sin_signed: paddle.Tensor  # sin with its first half negated: rotate_half(x) * sin == roll(x) * sin_signed
-    write_block: paddle.Tensor  # [B, T] int64
-    write_slot: paddle.Tensor
-    write_offset: paddle.Tensor
+    write_block: paddle.Tensor | None  # [B, T] int64; None when host_write is used
+    write_slot: paddle.Tensor | None
+    write_offset: paddle.Tensor | None
     read_slots: paddle.Tensor | None  # None: the batch is every cache slot in order, read without a gather
     read_blocks: int
     mask: paddle.Tensor | None  # [read_blocks, B, 1, 1, T, block_size] additive; fresh: [T, T] causal
     groups: list[Group] | None = None  # set: attend over the cache in numpy (CPU float32), mask unused
+    host_write: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # CPU float32: flat block, slot, offset
     fresh: bool = False  # every row starts at position 0: attend to the new keys only, not the cache
 
 
@@ -110,8 +111,13 @@ class Attention(nn.Layer):
         qk = qk.reshape([batch, length, heads + kv_heads, head_dim])
         qk = qk * step.cos + paddle.roll(qk, head_dim // 2, axis=-1) * step.sin_signed
         q, k = paddle.split(qk, [heads, kv_heads], axis=2)
-        k_cache[step.write_block, step.write_slot, :, step.write_offset] = k
-        v_cache[step.write_block, step.write_slot, :, step.write_offset] = v.reshape([batch, length, kv_heads, head_dim])
+        if step.host_write is not None:  # CPU float32: numpy's scatter into the cache's own memory
+            block, slot, offset = step.host_write
+            np.from_dlpack(k_cache)[block, slot, :, offset] = k.reshape([batch * length, kv_heads, head_dim]).numpy()
+            np.from_dlpack(v_cache)[block, slot, :, offset] = v.reshape([batch * length, kv_heads, head_dim]).numpy()
+        else:
+            k_cache[step.write_block, step.write_slot, :, step.write_offset] = k
+            v_cache[step.write_block, step.write_slot, :, step.write_offset] = v.reshape([batch, length, kv_heads, head_dim])
 
         if step.fresh:
             return self.o_proj(self._fresh_attention(q, k, v.reshape([batch, length, kv_heads, head_dim]), step.mask))
@@ -236,8 +242,8 @@ class LlamaModel(nn.Layer):
         fresh = length > 1 and not start.any()
         if fresh:
             causal = np.triu(np.full((length, length), -np.inf, np.float32), k=1)
-        on_host = (not fresh and CPU_NUMPY_ATTENTION and dtype == paddle.float32
-                   and cache.k[0].place.is_cpu_place())
+        host = CPU_NUMPY_ATTENTION and dtype == paddle.float32 and cache.k[0].place.is_cpu_place()
+        on_host = host and not fresh
         read_blocks = -(-(int(positions.max()) + 1) // block_size)
         groups = mask = None
         if on_host:
@@ -250,17 +256,19 @@ class LlamaModel(nn.Layer):
             mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf))
             mask = mask.reshape(read_blocks, batch, 1, 1, length, block_size)
         every_slot = batch == cache.num_slots and bool((slots == np.arange(batch)).all())
+        write = (positions // block_size, np.broadcast_to(slots[:, None], positions.shape).copy(), positions % block_size)
         return _Step(
             cos=_to_dtype(paddle.to_tensor(cos[:, :, None, :]), dtype),
             sin_signed=_to_dtype(paddle.to_tensor(sin[:, :, None, :]), dtype),
-            write_block=paddle.to_tensor(positions // block_size),
-            write_slot=paddle.to_tensor(np.broadcast_to(slots[:, None], positions.shape).copy()),
-            write_offset=paddle.to_tensor(positions % block_size),
+            write_block=None if host else paddle.to_tensor(write[0]),
+            write_slot=None if host else paddle.to_tensor(write[1]),
+            write_offset=None if host else paddle.to_tensor(write[2]),
             read_slots=None if every_slot or on_host else paddle.to_tensor(slots),
             read_blocks=read_blocks,
             mask=None if mask is None else _to_dtype(paddle.to_tensor(mask), dtype),
             fresh=fresh,
             groups=groups,
+            host_write=tuple(w.reshape(-1) for w in write) if host else None,
         )
 
 
