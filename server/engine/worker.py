@@ -142,6 +142,7 @@ class Scheduler:
         self.vq_jobs: queue.Queue = queue.Queue()
         self.vq_waiting: set[str] = set()
         self.vq_cancelled: set[str] = set()
+        self.vq_lock = threading.Lock()  # guards vq_waiting and vq_cancelled between the loop and the thread
         if vq_decoder is not None:
             threading.Thread(target=self.vq_loop, name="vq-decode", daemon=True).start()
 
@@ -175,8 +176,9 @@ class Scheduler:
                 return True
 
     def cancel(self, rid: str) -> None:
-        if rid in self.vq_waiting:
-            self.vq_cancelled.add(rid)
+        with self.vq_lock:
+            if rid in self.vq_waiting:
+                self.vq_cancelled.add(rid)
         self.pending = collections.deque(m for m in self.pending if m[1] != rid)
         if self.running.pop(rid, None) is not None:
             self.batch.remove(rid)
@@ -251,7 +253,8 @@ class Scheduler:
 
         request = self.running.pop(rid)
         if self.vq_decoder is not None:
-            self.vq_waiting.add(rid)
+            with self.vq_lock:
+                self.vq_waiting.add(rid)
             self.vq_ready.append((rid, codes, self.timings(request)))
             return
         started = time.perf_counter()
@@ -286,7 +289,9 @@ class Scheduler:
 
         while True:
             rid, codes, timings = self.vq_jobs.get()
-            if rid in self.vq_cancelled:
+            with self.vq_lock:
+                cancelled = rid in self.vq_cancelled
+            if cancelled:
                 event = None
             else:
                 started = time.perf_counter()
@@ -299,7 +304,8 @@ class Scheduler:
                 except Exception as error:  # noqa: BLE001 - this request fails alone
                     detail = "".join(traceback.format_exception_only(type(error), error)).strip()
                     event = (rid, "error", detail)
-            self.vq_cancelled.discard(rid)
-            self.vq_waiting.discard(rid)
+            with self.vq_lock:
+                self.vq_cancelled.discard(rid)
+                self.vq_waiting.discard(rid)
             if event is not None:
                 self.outbox.put(("events", [event], {"steps": self.steps, "rows": self.reported_rows}))
