@@ -253,9 +253,11 @@ def test_killed_worker_fails_running_requests_and_serves_waiting_ones(loop, tmp_
                        for i in range(2)]
             waiting = [asyncio.create_task(engine.understand(understand_request(i, max_new_tokens=3)))
                        for i in range(3)]
-            while engine.stats().steps_total < 20:
+            # Mid-way through the images, with all three understanding requests queued behind them.
+            deadline = time.monotonic() + 30
+            while not (engine.stats().steps_total >= 20 and engine.stats().queue_length == 3):
+                assert time.monotonic() < deadline, engine.stats()
                 await asyncio.sleep(0.01)
-            assert engine.stats().queue_length == 3
             old = worker_pids(engine)[0]
             os.kill(old, signal.SIGKILL)
             failed = await asyncio.gather(*running, return_exceptions=True)
