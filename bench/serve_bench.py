@@ -171,7 +171,9 @@ async def main() -> None:
     parser.add_argument("--api-key", default=os.environ.get("JANUS_API_KEY"))
     parser.add_argument("--kind", default="understand,generate")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
-    parser.add_argument("--requests", type=int, default=0, help="per level; 0: 2 x concurrency (at least 8)")
+    parser.add_argument("--requests", type=int, default=0, help="per level; 0: --rounds x concurrency (at least 8)")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client when --requests is 0; more "
+                        "rounds weigh the start and end of a closed-loop run (all clients starting together) less")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--images", type=int, default=1, help="images per generate request")
     parser.add_argument("--max-batch-rows", type=int, default=32)
@@ -185,7 +187,7 @@ async def main() -> None:
     kinds = args.kind.split(",")
 
     def requests_for(c):
-        return args.requests or max(8, 2 * c)
+        return args.requests or max(8, args.rounds * c)
 
     results: dict[tuple, dict] = {}
     if args.url:
