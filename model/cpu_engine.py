@@ -45,7 +45,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .cpu_attention import Group, attend, plan_groups
-from .llama import KVCache, LlamaModel, _host_int64, rotary_cos_sin
+from .llama import KVCache, LlamaModel, cache_addresses, rotary_cos_sin
 
 _BUILD_IDS = itertools.count()
 
@@ -285,15 +285,7 @@ class CpuDecodeEngine:
             self._bind_cache(cache)
 
     def plan(self, cache: KVCache, slots, start, batch: int, length: int) -> _Plan:
-        slots = _host_int64(slots, batch, "slots")
-        start = _host_int64(start, batch, "start")
-        if (slots < 0).any() or (slots >= cache.num_slots).any():
-            raise ValueError(f"slots {slots.tolist()} out of range for a cache of {cache.num_slots} slots")
-        if len(set(slots.tolist())) != batch:
-            raise ValueError(f"slots {slots.tolist()} repeat a cache row")
-        if (start < 0).any() or (start + length > cache.max_len).any():
-            raise ValueError(f"positions start {start.tolist()} + {length} tokens exceed the cache length {cache.max_len}")
-        positions = start[:, None] + np.arange(length, dtype=np.int64)[None, :]  # [B, T]
+        slots, _, positions = cache_addresses(cache, slots, start, batch, length)  # positions [B, T]
         cos, sin = rotary_cos_sin(positions.reshape(-1), self.inv_freq)
         groups = plan_groups(slots, positions, cache.block_size)
         bs = cache.block_size

@@ -225,15 +225,7 @@ class LlamaModel(nn.Layer):
         return self.norm(x)
 
     def _step(self, cache: KVCache, slots, start, batch: int, length: int) -> _Step:
-        slots = _host_int64(slots, batch, "slots")
-        start = _host_int64(start, batch, "start")
-        if (slots < 0).any() or (slots >= cache.num_slots).any():
-            raise ValueError(f"slots {slots.tolist()} out of range for a cache of {cache.num_slots} slots")
-        if len(np.unique(slots)) != batch:
-            raise ValueError(f"slots {slots.tolist()} repeat a cache row")
-        if (start < 0).any() or (start + length > cache.max_len).any():
-            raise ValueError(f"positions start {start.tolist()} + {length} tokens exceed the cache length {cache.max_len}")
-        positions = start[:, None] + np.arange(length, dtype=np.int64)[None, :]
+        slots, start, positions = cache_addresses(cache, slots, start, batch, length)
         cos, sin = rotary_cos_sin(positions, self.inv_freq)
         half = sin.shape[-1] // 2
         sin[..., :half] *= -1
@@ -285,6 +277,19 @@ class LlamaForCausalLM(nn.Layer):
 
 def _to_dtype(tensor: paddle.Tensor, dtype) -> paddle.Tensor:
     return tensor if tensor.dtype == dtype else tensor.astype(dtype)
+
+
+def cache_addresses(cache: KVCache, slots, start, batch: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked host copies of `slots` and `start` [B], and the positions [B, T] of the new tokens."""
+    slots = _host_int64(slots, batch, "slots")
+    start = _host_int64(start, batch, "start")
+    if (slots < 0).any() or (slots >= cache.num_slots).any():
+        raise ValueError(f"slots {slots.tolist()} out of range for a cache of {cache.num_slots} slots")
+    if len(np.unique(slots)) != batch:
+        raise ValueError(f"slots {slots.tolist()} repeat a cache row")
+    if (start < 0).any() or (start + length > cache.max_len).any():
+        raise ValueError(f"positions start {start.tolist()} + {length} tokens exceed the cache length {cache.max_len}")
+    return slots, start, start[:, None] + np.arange(length, dtype=np.int64)[None, :]
 
 
 def _host_int64(value, batch: int, what: str) -> np.ndarray:
