@@ -144,16 +144,25 @@ def _make_part(llama: LlamaModel, before: int | None, after: int | None) -> _Par
     return kind(llama, before, after)
 
 
+def _export(part: nn.Layer, spec, path: str) -> str:
+    """Save `part` as a static program at path(.pdmodel/.pdiparams); returns path.
+
+    The old program format, because both of its readers need it: Paddle Inference's OpenVINO
+    engine (a PIR export would silently run without OpenVINO) and the openvino package's
+    Paddle frontend (it cannot read PIR's .json).
+    """
+    with paddle.pir_utils.DygraphOldIrGuard():
+        static = paddle.jit.to_static(part, input_spec=spec, full_graph=True)
+        paddle.jit.save(static, path, input_spec=spec)
+    return path
+
+
 class _Program:
     """One exported part run by a Paddle Inference predictor with the OpenVINO engine."""
 
     def __init__(self, part: _Part, folder: str, tag: str, threads: int, engine: str):
         spec = part.input_spec(tag)
-        path = os.path.join(folder, "part")
-        # The OpenVINO engine only reads the old program format; PIR export would silently run without it.
-        with paddle.pir_utils.DygraphOldIrGuard():
-            static = paddle.jit.to_static(part, input_spec=spec, full_graph=True)
-            paddle.jit.save(static, path, input_spec=spec)
+        path = _export(part, spec, os.path.join(folder, "part"))
         config = paddle.inference.Config(path + ".pdmodel", path + ".pdiparams")
         config.set_cpu_math_library_num_threads(threads)
         config.disable_glog_info()
@@ -399,11 +408,7 @@ class CpuVQDecoder:
         started = time.perf_counter()
         try:
             part = _VQPart(self.vq, self.side)
-            spec = part.input_spec("vq")
-            path = os.path.join(root, "vq")
-            with paddle.pir_utils.DygraphOldIrGuard():  # the Paddle frontend reads the old program format
-                static = paddle.jit.to_static(part, input_spec=spec, full_graph=True)
-                paddle.jit.save(static, path, input_spec=spec)
+            path = _export(part, part.input_spec("vq"), os.path.join(root, "vq"))
             core = openvino.Core()
             graph = core.read_model(path + ".pdmodel")
             counts = sorted({self.threads, 1} if single_thread_copy else {self.threads})
