@@ -257,21 +257,13 @@ class Scheduler:
                 self.vq_waiting.add(rid)
             self.vq_ready.append((rid, codes, self.timings(request)))
             return
-        started = time.perf_counter()
-        try:
-            images = decode_images(self.model, codes)
-        except Exception as error:  # noqa: BLE001
-            self.fail(rid, error)
-            return
-        self.events.append((rid, "images_done", {"images": list(images), **self.timings(request),
-                                                 "vq_decode": time.perf_counter() - started}))
+        self.events.append(images_event(rid, lambda: decode_images(self.model, codes), self.timings(request)))
 
     def timings(self, request: RunningRequest) -> dict[str, float]:
         return {"prefill": request.prefill, "decode": request.decode}
 
     def fail(self, rid: str, error: BaseException) -> None:
-        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
-        self.events.append((rid, "error", detail))
+        self.events.append((rid, "error", error_detail(error)))
 
     def flush(self) -> None:
         rows = self.batch.rows
@@ -291,21 +283,28 @@ class Scheduler:
             rid, codes, timings = self.vq_jobs.get()
             with self.vq_lock:
                 cancelled = rid in self.vq_cancelled
-            if cancelled:
-                event = None
-            else:
-                started = time.perf_counter()
-                try:
-                    # One core while the loop has rows to step, unless images are piling up; all when idle.
-                    single = bool(self.running) and len(self.vq_waiting) <= 1
-                    images = to_uint8_images(self.vq_decoder.decode(codes, single_thread=single))
-                    event = (rid, "images_done", {"images": list(images), **timings,
-                                                  "vq_decode": time.perf_counter() - started})
-                except Exception as error:  # noqa: BLE001 - this request fails alone
-                    detail = "".join(traceback.format_exception_only(type(error), error)).strip()
-                    event = (rid, "error", detail)
+            event = None
+            if not cancelled:
+                # One core while the loop has rows to step, unless images are piling up; all when idle.
+                single = bool(self.running) and len(self.vq_waiting) <= 1
+                event = images_event(
+                    rid, lambda: to_uint8_images(self.vq_decoder.decode(codes, single_thread=single)), timings)
             with self.vq_lock:
                 self.vq_cancelled.discard(rid)
                 self.vq_waiting.discard(rid)
             if event is not None:
                 self.outbox.put(("events", [event], {"steps": self.steps, "rows": self.reported_rows}))
+
+
+def error_detail(error: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(error), error)).strip()
+
+
+def images_event(rid: str, decode, timings: dict[str, float]) -> tuple:
+    """Run `decode` (-> uint8 images) and make the request's "images_done" event, or its "error" event."""
+    started = time.perf_counter()
+    try:
+        images = decode()
+    except Exception as error:  # noqa: BLE001 - this request fails alone
+        return (rid, "error", error_detail(error))
+    return (rid, "images_done", {"images": list(images), **timings, "vq_decode": time.perf_counter() - started})
