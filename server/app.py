@@ -239,8 +239,7 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.started = int(time.time())
-    install_error_handlers(app)
-    app.add_exception_handler(RequestValidationError, handle_request_validation_error_after_auth)
+    install_error_handlers(app, validation_handler=handle_request_validation_error_after_auth)
     document_limits(app, settings)
     protected = [Depends(require_api_key)]
     app.include_router(routes_ops.router)

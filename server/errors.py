@@ -152,9 +152,10 @@ def internal_error_response(request_id: str) -> JSONResponse:
     return JSONResponse(internal_error_body(request_id), status_code=500)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, validation_handler=handle_request_validation_error) -> None:
+    """`validation_handler`: for RequestValidationError (the app's checks the API key first)."""
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(EngineError, handle_engine_error)
-    app.add_exception_handler(RequestValidationError, handle_request_validation_error)
+    app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(ClientDisconnected, handle_client_disconnected)
