@@ -33,10 +33,9 @@ SHAPES = {  # name: (hidden, heads, kv_heads)
 
 
 def time_attention(config: LlamaConfig, batch: int, context: int, slots: int, repeats: int) -> float:
-    attention = llama.Attention(config)
-    attention.eval()
-    model = llama.LlamaModel.__new__(llama.LlamaModel)  # only _step's rotary table is needed
-    model.inv_freq = llama.rotary_inv_freq(config.head_dim, config.rope_theta)
+    model = llama.LlamaModel(config)  # one layer
+    model.eval()
+    attention = model.layers[0].self_attn
     cache = llama.KVCache(1, slots, context + 8, config.num_key_value_heads, config.head_dim)
     rng = np.random.default_rng(0)
     for tensor in cache.k + cache.v:
@@ -46,7 +45,7 @@ def time_attention(config: LlamaConfig, batch: int, context: int, slots: int, re
     times = []
     with paddle.no_grad():
         for i in range(repeats + 2):
-            step = llama.LlamaModel._step(model, cache, rows, np.full(batch, context), batch, 1)
+            step = model._step(cache, rows, np.full(batch, context), batch, 1)
             start = time.perf_counter()
             attention(x, cache.k[0], cache.v[0], step)
             times.append(time.perf_counter() - start)
