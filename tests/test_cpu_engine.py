@@ -215,14 +215,19 @@ def test_vq_decoder_program_reproduces_the_golden_images():
         decoder.decode(np.zeros((1, 100), np.int64))
 
 
+@pytest.mark.parametrize("products", ["einsum", "matmul"])
 @pytest.mark.parametrize("slots, starts, tokens", [
     ([1], [12], 1),  # one row, partial block
     ([4, 0, 2], [30, 12, 21], 1),  # rows out of slot order, with gaps: three groups
     ([2, 3], [21, 40], 3),  # consecutive slots, several new tokens each (causal within them)
 ])
-def test_eager_numpy_attention_matches_paddle_attention(model, slots, starts, tokens, monkeypatch):
-    """Eager forward on CPU attends in numpy (model/cpu_attention.py); the Paddle path gives the same."""
+def test_eager_numpy_attention_matches_paddle_attention(model, slots, starts, tokens, products, monkeypatch):
+    """Eager forward on CPU attends in numpy (model/cpu_attention.py), with either kind of product over
+    the cache (chosen by head width); the Paddle path gives the same."""
+    import model.cpu_attention as cpu_attention
     import model.llama as llama
+
+    monkeypatch.setattr(cpu_attention, "EINSUM_MIN_HEAD_DIM", 0 if products == "einsum" else 10**6)
 
     lengths = {0: 12, 1: 12, 2: 21, 3: 40, 4: 30}
     caches = prefilled_caches(model, lengths, seed=20)
