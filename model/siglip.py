@@ -9,7 +9,9 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from . import llama
 from .config import VisionConfig
+from .cpu_attention import prompt_attention
 
 LAYER_NORM_EPS = 1e-6
 
@@ -24,6 +26,10 @@ class VisionAttention(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         batch, tokens, width = x.shape
+        if x.dtype == paddle.float32 and x.place.is_cpu_place() and llama.CPU_NUMPY_ATTENTION:
+            qkv = self.qkv(x).reshape([batch, tokens, 3, self.heads, self.head_dim]).numpy()
+            out = prompt_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=self.head_dim**-0.5, causal=False)
+            return self.proj(paddle.to_tensor(out))
         qkv = self.qkv(x).reshape([batch, tokens, 3, self.heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
         q, k, v = qkv[0], qkv[1], qkv[2]
         scores = paddle.matmul(q * (self.head_dim**-0.5), k, transpose_y=True)

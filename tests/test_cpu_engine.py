@@ -220,6 +220,7 @@ def test_vq_decoder_program_reproduces_the_golden_images():
     ([1], [12], 1),  # one row, partial block
     ([4, 0, 2], [30, 12, 21], 1),  # rows out of slot order, with gaps: three groups
     ([2, 3], [21, 40], 3),  # consecutive slots, several new tokens each (causal within them)
+    ([3, 1], [0, 0], 75),  # a fresh prompt (prompt_attention), queries in two chunks
 ])
 def test_eager_numpy_attention_matches_paddle_attention(model, slots, starts, tokens, products, monkeypatch):
     """Eager forward on CPU attends in numpy (model/cpu_attention.py), with either kind of product over

@@ -39,7 +39,12 @@ def assert_images_close(actual: np.ndarray, expected: np.ndarray):
     assert np.count_nonzero(diff) <= 0.001 * diff.size
 
 
-def test_siglip_features_and_aligner(model, cases):
+@pytest.mark.parametrize("attention", ["numpy", "paddle"])
+def test_siglip_features_and_aligner(model, cases, attention, monkeypatch):
+    """On CPU float32 the attention runs in numpy (model/cpu_attention.py); elsewhere in Paddle. Both match."""
+    import model.llama as llama
+
+    monkeypatch.setattr(llama, "CPU_NUMPY_ATTENTION", attention == "numpy")
     pixels = cases["preprocess.pixel_values"]
     assert_close(model.vision_model(paddle.to_tensor(pixels)), cases["siglip.vision_features"])
     assert_close(model.encode_images(pixels), cases["siglip.aligner_output"])
