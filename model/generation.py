@@ -10,6 +10,7 @@ and leave between steps (continuous batching). `generate_text` and
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from typing import Any
 
 import numpy as np
@@ -66,10 +67,14 @@ def decode_images(model, codes: np.ndarray) -> np.ndarray:
 
 
 class SlotPool:
-    """Which rows of the KV cache are free."""
+    """Which rows of the KV cache are free; the lowest free rows are taken first.
+
+    Lowest first keeps the rows in use packed together, so that a step's rows, in slot
+    order, mostly form runs of consecutive slots: CPU attention reads each run as one view.
+    """
 
     def __init__(self, slots: int):
-        self._free = list(range(slots - 1, -1, -1))
+        self._free = list(range(slots))  # a heap
 
     @property
     def free(self) -> int:
@@ -78,10 +83,11 @@ class SlotPool:
     def take(self, count: int) -> list[int]:
         if count > len(self._free):
             raise CacheFullError(f"{count} cache rows asked, {len(self._free)} free")
-        return [self._free.pop() for _ in range(count)]
+        return [heapq.heappop(self._free) for _ in range(count)]
 
     def give_back(self, slots: list[int]) -> None:
-        self._free.extend(reversed(slots))
+        for slot in slots:
+            heapq.heappush(self._free, slot)
 
 
 class CacheFullError(RuntimeError):
@@ -227,8 +233,9 @@ class DecodeBatch:
         return events, failures
 
     def _step_sequences(self, order: list[TextSequence | ImageSequence]) -> list[StepEvent]:
-        text = [s for s in order if isinstance(s, TextSequence)]
-        image = [s for s in order if isinstance(s, ImageSequence)]
+        # Rows in slot order: consecutive slots are attended as one group (model/cpu_attention.py).
+        text = sorted((s for s in order if isinstance(s, TextSequence)), key=lambda s: s.slot)
+        image = sorted((s for s in order if isinstance(s, ImageSequence)), key=lambda s: s.slots[0])
         parts, slots, starts = [], [], []
         if text:
             ids = np.array([[s.generated[-1]] for s in text], np.int64)

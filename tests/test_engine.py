@@ -316,13 +316,16 @@ def test_openvino_vq_decoder_matches_eager_vq_decode(loop, engine, tmp_path):
 
 
 def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():
-    """Scheduler's VQ thread: a decode error fails its request only; a cancelled request gets no decode."""
+    """Scheduler's VQ thread: a decode error fails its request only; a cancelled request gets no decode;
+    while it decodes, the loop's Paddle ops keep off its cores."""
     import queue as queue_module
     import threading
 
     from server.engine.worker import RunningRequest, Scheduler, WorkerConfig
 
     class Decoder:
+        threads = 2
+
         def __init__(self):
             self.seen = []
             self.gate = threading.Event()
@@ -346,6 +349,12 @@ def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():
         scheduler.finish_images(rid, np.full((1, 576), first, np.int64))
     scheduler.flush()
     scheduler.cancel("gone")
+    deadline = time.monotonic() + 10
+    while not scheduler.vq_cores and time.monotonic() < deadline:  # the thread is inside decode(), at the gate
+        time.sleep(0.01)
+    assert scheduler.vq_cores == decoder.threads  # no rows running, three images waiting: all its threads
+    scheduler.share_cores()
+    assert scheduler.step_threads == max(1, scheduler.cores - decoder.threads)
     decoder.gate.set()
     events = {}
     while len(events) < 2:
@@ -356,3 +365,6 @@ def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():
     time.sleep(0.2)
     assert outbox.empty() and decoder.seen == [0, 1]
     assert not scheduler.vq_waiting and not scheduler.vq_cancelled
+    assert scheduler.vq_cores == 0
+    scheduler.share_cores()
+    assert scheduler.step_threads == scheduler.cores
