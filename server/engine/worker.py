@@ -169,6 +169,7 @@ class Scheduler:
             idle = not self.running and not self.pending
             if not self.take_messages(block=idle):
                 return
+            self.share_cores()
             self.admit()
             if self.running:
                 self.step()
@@ -238,7 +239,6 @@ class Scheduler:
             cfg_weight=payload["cfg_weight"], params=params, rngs=rngs)
 
     def step(self) -> None:
-        self.share_cores()
         started = time.perf_counter()
         try:
             events = self.batch.step()
@@ -254,7 +254,7 @@ class Scheduler:
         self.handle(events)
 
     def share_cores(self) -> None:
-        """Paddle's threads for this step: the cores the VQ thread is not using (at least one).
+        """Paddle's threads for the next prefills and step: the cores the VQ thread is not using (at least one).
 
         Both at once on the same cores stall each other: Paddle's OpenMP ops wait at their
         barriers for a thread that is off the core. Measured with janus-tiny on the 2-core dev
