@@ -431,6 +431,9 @@ class CpuVQDecoder:
     codebook lookup stays eager (one small gather); the batch size may change freely.
     decode() is not re-entrant: one caller at a time.
 
+    `layout_free_norms=False` exports Paddle's own group_norm instead of _LayoutFreeGroupNorm
+    (for comparison: bench/vq_bench.py).
+
     `single_thread_copy=True` also compiles a one-thread copy (its own copy of the VQ weights)
     for decode(..., single_thread=True): while decode steps run on the other cores, a VQ
     decode that takes them all only slows both down (measured: janus-tiny, 2 cores, 8
@@ -438,7 +441,7 @@ class CpuVQDecoder:
     """
 
     def __init__(self, model, *, threads: int | None = None, workdir: str | None = None,
-                 image_tokens: int = 576, single_thread_copy: bool = False):
+                 image_tokens: int = 576, single_thread_copy: bool = False, layout_free_norms: bool = True):
         if not openvino_runtime_available():
             raise EngineUnavailable("the openvino package is not installed")
         import openvino
@@ -455,7 +458,7 @@ class CpuVQDecoder:
         started = time.perf_counter()
         try:
             part = _VQPart(self.vq, self.side)
-            with _layout_free_group_norms(part):
+            with _layout_free_group_norms(part) if layout_free_norms else contextlib.nullcontext():
                 path = _export(part, part.input_spec("vq"), os.path.join(root, "vq"))
             core = openvino.Core()
             graph = core.read_model(path + ".pdmodel")
