@@ -352,7 +352,7 @@ def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():
     deadline = time.monotonic() + 10
     while not scheduler.vq_cores and time.monotonic() < deadline:  # the thread is inside decode(), at the gate
         time.sleep(0.01)
-    assert scheduler.vq_cores == decoder.threads  # no rows running, three images waiting: all its threads
+    assert scheduler.vq_cores == decoder.threads  # no rows running: all its threads
     scheduler.share_cores()
     assert scheduler.step_threads == max(1, scheduler.cores - decoder.threads)
     decoder.gate.set()
