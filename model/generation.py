@@ -170,22 +170,41 @@ class DecodeBatch:
                  rng: np.random.Generator | None = None, max_new_tokens: int = 512,
                  eos_id: int) -> list[StepEvent]:
         """Prefill one understanding prompt; returns the event of its first token."""
-        length = len(input_ids)
+        slot = self.reserve_text(len(input_ids), max_new_tokens)
+        try:
+            logits = self.prefill_text(slot, input_ids, image_mask=image_mask, pixel_values=pixel_values)
+        except BaseException:
+            self.pool.give_back([slot])
+            raise
+        return self.start_text(key, slot, len(input_ids), logits, params=params, rng=rng,
+                               max_new_tokens=max_new_tokens, eos_id=eos_id)
+
+    # add_text in three parts, so that the prefill may run in another thread (server/engine/worker.py):
+    # reserve_text and start_text change the batch and belong to its owner; prefill_text only
+    # computes and writes the reserved cache row, which no step reads until start_text.
+
+    def reserve_text(self, length: int, max_new_tokens: int) -> int:
+        """Check that a prompt of `length` tokens fits and take its cache row."""
         self._check_fits(length + max_new_tokens - 1)
+        return self.pool.take(1)[0]
+
+    def prefill_text(self, slot: int, input_ids: np.ndarray, *, image_mask: np.ndarray | None = None,
+                     pixel_values: np.ndarray | None = None) -> np.ndarray:
+        """Run the prompt into cache row `slot` (from reserve_text); its last position's logits [vocab]."""
         embeds = self.model.embed_tokens(paddle.to_tensor(np.asarray(input_ids, np.int64)[None]))
         if pixel_values is not None and len(pixel_values):
             features = self.model.encode_images(paddle.to_tensor(pixel_values))
             embeds = merge_image_features(embeds, features, image_mask)
-        slot = self.pool.take(1)
-        try:
-            hidden = self._forward(embeds, slot, [0])
-            logits = self.model.text_logits(hidden[:, -1]).numpy()
-        except BaseException:
-            self.pool.give_back(slot)
-            raise
-        seq = TextSequence(key, slot[0], length, params, rng or np.random.default_rng(), max_new_tokens, eos_id)
+        hidden = self._forward(embeds, [slot], [0])
+        return self.model.text_logits(hidden[:, -1]).numpy()[0]
+
+    def start_text(self, key, slot: int, length: int, logits: np.ndarray, *,
+                   params: SamplingParams = SamplingParams(), rng: np.random.Generator | None = None,
+                   max_new_tokens: int = 512, eos_id: int) -> list[StepEvent]:
+        """Join the batch with a prefilled row; returns the event of its first token."""
+        seq = TextSequence(key, slot, length, params, rng or np.random.default_rng(), max_new_tokens, eos_id)
         self.sequences[key] = seq
-        return self._accept_text(seq, logits[0])
+        return self._accept_text(seq, logits)
 
     def add_images(self, key, prompt_ids: np.ndarray, *, pad_id: int, n: int, cfg_weight: float = 5.0,
                    params: SamplingParams = SamplingParams(temperature=1.0),

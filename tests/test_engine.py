@@ -368,3 +368,62 @@ def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():
     assert scheduler.vq_cores == 0
     scheduler.share_cores()
     assert scheduler.step_threads == scheduler.cores
+
+
+def test_prefill_thread_joins_rows_and_fails_or_drops_them_alone():
+    """Scheduler's prefill thread (CPU): prompts run into reserved rows and join at the next step; a prefill
+    error fails its request only; a request cancelled mid-prefill never joins and its row comes back."""
+    import queue as queue_module
+    import threading
+
+    from model.generation import SlotPool, StepEvent
+    from server.engine.worker import Scheduler, WorkerConfig
+
+    class Batch:
+        def __init__(self):
+            self.pool = SlotPool(4)
+            self.gate = threading.Event()
+            self.started: dict[str, tuple] = {}
+
+        rows = 0
+
+        def reserve_text(self, length, max_new_tokens):
+            return self.pool.take(1)[0]
+
+        def prefill_text(self, slot, input_ids, *, image_mask, pixel_values):
+            self.gate.wait(10)
+            if input_ids[0] < 0:
+                raise ValueError("bad prompt")
+            return np.full(5, float(slot))
+
+        def start_text(self, key, slot, length, logits, **_):
+            self.started[key] = (slot, length, logits[0])
+            return [StepEvent(key, "token", token=slot)]
+
+    def payload(first):
+        return {"input_ids": np.array([first, 1, 2]), "image_mask": None, "pixel_values": None, "temperature": 0.0,
+                "top_k": 0, "top_p": 1.0, "seed": 1, "max_new_tokens": 4}
+
+    batch = Batch()
+    config = WorkerConfig(model_path="", device="cpu", dtype="float32", max_batch_rows=4, max_cache_tokens=64)
+    scheduler = Scheduler(None, batch, config, queue_module.Queue(), queue_module.Queue(), prefill_thread=True)
+    scheduler.pending.extend([("understand", "good", payload(0)), ("understand", "bad", payload(-1)),
+                              ("understand", "gone", payload(0))])
+    scheduler.admit()
+    assert set(scheduler.prefilling) == {"good", "bad", "gone"} and batch.pool.free == 1 and not scheduler.running
+    scheduler.share_cores()  # the thread has a core: the loop's Paddle ops keep to the others
+    assert scheduler.step_threads == max(1, scheduler.cores - 1)
+    scheduler.cancel("gone")
+    batch.gate.set()
+    deadline = time.monotonic() + 10
+    while scheduler.prefilling and time.monotonic() < deadline:
+        scheduler.join_prefilled(wait=True)
+    assert set(scheduler.running) == {"good"} and batch.started == {"good": (0, 3, 0.0)}
+    assert scheduler.running["good"].prefill > 0
+    assert ("good", "token", 0) in scheduler.events
+    assert [e for e in scheduler.events if e[0] == "bad"][0][1] == "error"
+    assert "bad prompt" in [e for e in scheduler.events if e[0] == "bad"][0][2]
+    assert not [e for e in scheduler.events if e[0] == "gone"]
+    assert batch.pool.free == 3  # the failed and the cancelled rows are back; "good" holds slot 0
+    scheduler.share_cores()
+    assert scheduler.step_threads == scheduler.cores

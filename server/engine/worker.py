@@ -13,6 +13,8 @@ An event is (rid, kind, data): kind "token" (id), "progress" (step),
 Finished image codes are VQ-decoded inline (GPU, or eager on CPU), or on CPU by a
 thread running the OpenVINO VQ decoder, which releases the GIL: the loop keeps
 stepping the other rows meanwhile, and the thread posts its own "events" messages.
+On CPU, understanding prompts are prefilled by another thread in the same way, into
+cache rows reserved for them, and join the batch at the next step once done.
 """
 from __future__ import annotations
 
@@ -42,6 +44,18 @@ class WorkerConfig:
     threads: int | None = None
     eos_id: int = 0
     pad_id: int = 0
+
+
+@dataclasses.dataclass
+class Prefilling:
+    """An understanding request whose prompt the prefill thread runs into its reserved cache row."""
+
+    request: "RunningRequest"
+    slot: int
+    payload: dict[str, Any]
+    cancelled: bool = False
+    logits: Any = None
+    error: BaseException | None = None
 
 
 @dataclasses.dataclass
@@ -103,7 +117,9 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         return
     outbox.put(("ready", {"device": device, "row_length": row_len, "rows": config.max_batch_rows,
                           "pid": os.getpid()}))
-    Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder).run()
+    # The thread writes its rows of the cache through numpy views (CPU float32); the OpenVINO engine takes one caller.
+    prefill_thread = device == "cpu" and forward_hidden is None and batch.cache.k[0].dtype == paddle.float32
+    Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder, prefill_thread=prefill_thread).run()
 
 
 def limit_blas_threads() -> None:
@@ -138,7 +154,8 @@ def make_vq_decoder(model, device: str, choice: str):
 class Scheduler:
     """Admission and stepping for one worker; FIFO admission, every admitted row steps together."""
 
-    def __init__(self, model, batch, config: WorkerConfig, inbox, outbox, *, vq_decoder=None):
+    def __init__(self, model, batch, config: WorkerConfig, inbox, outbox, *, vq_decoder=None,
+                 prefill_thread: bool = False):
         self.model = model
         self.batch = batch
         self.config = config
@@ -163,12 +180,23 @@ class Scheduler:
         self.step_threads = self.cores
         if vq_decoder is not None:
             threading.Thread(target=self.vq_loop, name="vq-decode", daemon=True).start()
+        # With `prefill_thread` (CPU, eager), understanding prompts (SigLIP and a prefill of hundreds
+        # of tokens) are run by a thread into rows reserved for them, while the loop keeps stepping
+        # the running rows; each joins the batch at the first step after its prefill. Paddle's kernels
+        # release the GIL, so the two run on different cores.
+        self.prefill_thread = prefill_thread
+        self.prefilling: dict[str, Prefilling] = {}  # in the thread or done, not yet joined
+        self.prefill_jobs: queue.Queue = queue.Queue()
+        self.prefill_done: queue.Queue = queue.Queue()
+        if prefill_thread:
+            threading.Thread(target=self.prefill_loop, name="prefill", daemon=True).start()
 
     def run(self) -> None:
         while True:
-            idle = not self.running and not self.pending
+            idle = not self.running and not self.pending and not self.prefilling
             if not self.take_messages(block=idle):
                 return
+            self.join_prefilled(wait=not self.running and bool(self.prefilling))
             self.share_cores()
             self.admit()
             if self.running:
@@ -199,6 +227,8 @@ class Scheduler:
             if rid in self.vq_waiting:
                 self.vq_cancelled.add(rid)
         self.pending = collections.deque(m for m in self.pending if m[1] != rid)
+        if rid in self.prefilling:  # its row is freed when the thread is done with it
+            self.prefilling[rid].cancelled = True
         if self.running.pop(rid, None) is not None:
             self.batch.remove(rid)
 
@@ -207,10 +237,13 @@ class Scheduler:
             kind, rid, payload = self.pending[0]
             rows = 1 if kind == "understand" else 2 * payload["n"]
             limit = self.config.max_running_requests
-            if rows > self.batch.pool.free or (limit and len(self.running) >= limit):
+            if rows > self.batch.pool.free or (limit and len(self.running) + len(self.prefilling) >= limit):
                 return
             self.pending.popleft()
             request = RunningRequest(rid, kind, rows, time.perf_counter())
+            if kind == "understand" and self.prefill_thread:
+                self.start_prefill(request, payload)
+                continue
             try:
                 events = self.prefill(kind, rid, payload)
             except Exception as error:  # noqa: BLE001 - this request fails alone
@@ -238,6 +271,59 @@ class Scheduler:
             rid, payload["prompt_ids"], pad_id=self.config.pad_id, n=payload["n"],
             cfg_weight=payload["cfg_weight"], params=params, rngs=rngs)
 
+    def start_prefill(self, request: RunningRequest, payload: dict[str, Any]) -> None:
+        try:
+            slot = self.batch.reserve_text(len(payload["input_ids"]), payload["max_new_tokens"])
+        except Exception as error:  # noqa: BLE001 - this request fails alone
+            self.fail(request.rid, error)
+            return
+        self.prefilling[request.rid] = Prefilling(request, slot, payload)
+        self.prefill_jobs.put(self.prefilling[request.rid])
+
+    def prefill_loop(self) -> None:
+        """Thread: run each reserved understanding prompt into its cache row; the loop joins it."""
+        import paddle
+
+        paddle.base.core.set_num_threads(1)
+        while True:
+            job = self.prefill_jobs.get()
+            if not job.cancelled:
+                try:
+                    payload = job.payload
+                    job.logits = self.batch.prefill_text(job.slot, payload["input_ids"], image_mask=payload["image_mask"],
+                                                         pixel_values=payload["pixel_values"])
+                except Exception as error:  # noqa: BLE001 - this request fails alone
+                    job.error = error
+            self.prefill_done.put(job)
+
+    def join_prefilled(self, *, wait: bool) -> None:
+        """Rows whose prefill is done join the batch (or fail alone); `wait`: a little, for the first."""
+        from model.generation import SamplingParams
+
+        while True:
+            try:
+                job = self.prefill_done.get(timeout=0.005) if wait else self.prefill_done.get_nowait()
+            except queue.Empty:
+                return
+            wait = False
+            request, payload = job.request, job.payload
+            del self.prefilling[request.rid]
+            if job.cancelled or job.error is not None:
+                self.batch.pool.give_back([job.slot])
+                if not job.cancelled:
+                    self.fail(request.rid, job.error)
+                continue
+            import numpy as np
+
+            events = self.batch.start_text(
+                request.rid, job.slot, len(payload["input_ids"]), job.logits,
+                params=SamplingParams(payload["temperature"], payload["top_k"], payload["top_p"]),
+                rng=np.random.default_rng(payload["seed"]), max_new_tokens=payload["max_new_tokens"],
+                eos_id=self.config.eos_id)
+            request.prefill = time.perf_counter() - request.admitted_at
+            self.running[request.rid] = request
+            self.handle(events)
+
     def step(self) -> None:
         started = time.perf_counter()
         try:
@@ -261,7 +347,7 @@ class Scheduler:
         box, 8 concurrent image requests: steps beside a one-thread VQ decode took 15-24 ms with
         2 Paddle threads and 6-7 ms with 1.
         """
-        want = max(1, self.cores - self.vq_cores)
+        want = max(1, self.cores - self.vq_cores - (1 if self.prefilling else 0))
         if want != self.step_threads:
             import paddle
 
