@@ -6,8 +6,8 @@
 The worker (server/engine/worker.py) prefills understanding prompts in a thread on CPU
 while its loop keeps stepping the running rows. This times, in one run and on the same
 cache: a prompt's prefill alone; decode steps of the running rows alone; and both at once,
-steps on the loop's thread (Paddle threads = cores - 1, as the worker sets them) and the
-prefill in another (one thread). Without the thread, every running row would wait for the
+steps on the loop's thread and the prefill in another, with Paddle's threads (one setting
+for the process) at half the cores, as the worker sets them. Without the thread, every running row would wait for the
 whole prefill. Prints medians.
 """
 from __future__ import annotations
@@ -69,11 +69,10 @@ def main() -> None:
         took = []
 
         def in_thread():
-            paddle.base.core.set_num_threads(1)
             took.append(timed(prefill))
             done.set()
 
-        paddle.base.core.set_num_threads(max(1, cores - 1))
+        paddle.base.core.set_num_threads(max(1, cores // 2))
         worker = threading.Thread(target=in_thread)
         worker.start()
         while not done.is_set():

@@ -257,19 +257,20 @@ class Scheduler:
     def prefill(self, kind: str, rid: str, payload: dict[str, Any]):
         import numpy as np
 
-        from model.generation import SamplingParams
-
-        params = SamplingParams(payload["temperature"], payload["top_k"], payload["top_p"])
         if kind == "understand":
-            return self.batch.add_text(
-                rid, payload["input_ids"], image_mask=payload["image_mask"],
-                pixel_values=payload["pixel_values"], params=params,
-                rng=np.random.default_rng(payload["seed"]), max_new_tokens=payload["max_new_tokens"],
-                eos_id=self.config.eos_id)
+            return self.batch.add_text(rid, payload["input_ids"], image_mask=payload["image_mask"],
+                                       pixel_values=payload["pixel_values"], **self.text_options(payload))
         rngs = [np.random.default_rng(seed) for seed in payload["seeds"]]
         return self.batch.add_images(
             rid, payload["prompt_ids"], pad_id=self.config.pad_id, n=payload["n"],
-            cfg_weight=payload["cfg_weight"], params=params, rngs=rngs)
+            cfg_weight=payload["cfg_weight"], params=sampling(payload), rngs=rngs)
+
+    def text_options(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """How an understanding request samples and stops (for add_text / start_text)."""
+        import numpy as np
+
+        return {"params": sampling(payload), "rng": np.random.default_rng(payload["seed"]),
+                "max_new_tokens": payload["max_new_tokens"], "eos_id": self.config.eos_id}
 
     def start_prefill(self, request: RunningRequest, payload: dict[str, Any]) -> None:
         try:
@@ -282,10 +283,7 @@ class Scheduler:
 
     def prefill_loop(self) -> None:
         """Thread: run each reserved understanding prompt into its cache row; the loop joins it."""
-        import paddle
-
-        paddle.base.core.set_num_threads(1)
-        while True:
+        while True:  # on the threads share_cores sets: the setting is the process's
             job = self.prefill_jobs.get()
             if not job.cancelled:
                 try:
@@ -298,8 +296,6 @@ class Scheduler:
 
     def join_prefilled(self, *, wait: bool) -> None:
         """Rows whose prefill is done join the batch (or fail alone); `wait`: a little, for the first."""
-        from model.generation import SamplingParams
-
         while True:
             try:
                 job = self.prefill_done.get(timeout=0.005) if wait else self.prefill_done.get_nowait()
@@ -313,13 +309,8 @@ class Scheduler:
                 if not job.cancelled:
                     self.fail(request.rid, job.error)
                 continue
-            import numpy as np
-
-            events = self.batch.start_text(
-                request.rid, job.slot, len(payload["input_ids"]), job.logits,
-                params=SamplingParams(payload["temperature"], payload["top_k"], payload["top_p"]),
-                rng=np.random.default_rng(payload["seed"]), max_new_tokens=payload["max_new_tokens"],
-                eos_id=self.config.eos_id)
+            events = self.batch.start_text(request.rid, job.slot, len(payload["input_ids"]), job.logits,
+                                           **self.text_options(payload))
             request.prefill = time.perf_counter() - request.admitted_at
             self.running[request.rid] = request
             self.handle(events)
@@ -340,14 +331,16 @@ class Scheduler:
         self.handle(events)
 
     def share_cores(self) -> None:
-        """Paddle's threads for the next prefills and step: the cores the VQ thread is not using (at least one).
+        """Paddle's threads: the cores the VQ thread is not using, halved while the prefill thread runs.
 
         Both at once on the same cores stall each other: Paddle's OpenMP ops wait at their
         barriers for a thread that is off the core. Measured with janus-tiny on the 2-core dev
         box, 8 concurrent image requests: steps beside a one-thread VQ decode took 15-24 ms with
-        2 Paddle threads and 6-7 ms with 1.
+        2 Paddle threads and 6-7 ms with 1. Paddle's thread count is one setting for the whole
+        process, so the loop and the prefill thread share it: half the free cores each.
         """
-        want = max(1, self.cores - self.vq_cores - (1 if self.prefilling else 0))
+        free = max(1, self.cores - self.vq_cores)
+        want = max(1, free // 2) if self.prefilling else free
         if want != self.step_threads:
             import paddle
 
@@ -422,6 +415,12 @@ class Scheduler:
                 self.vq_waiting.discard(rid)
             if event is not None:
                 self.outbox.put(("events", [event], {"steps": self.steps, "rows": self.reported_rows}))
+
+
+def sampling(payload: dict[str, Any]):
+    from model.generation import SamplingParams
+
+    return SamplingParams(payload["temperature"], payload["top_k"], payload["top_p"])
 
 
 def error_detail(error: BaseException) -> str:
