@@ -73,6 +73,7 @@ def attend(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, groups: list[Group], *
     groups_per_kv = heads // kv_heads
     out = np.empty((rows_total, heads * d), np.float32)
     scale = np.float32(scale)
+    wide = d >= EINSUM_MIN_HEAD_DIM
     for g in groups:
         rows = q[g.rows] * scale  # [G*T, heads, D]
         count = rows.shape[0] // length
@@ -80,7 +81,6 @@ def attend(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, groups: list[Group], *
         qg = qg.reshape(count, kv_heads, groups_per_kv * length, d)
         split = (count, kv_heads, groups_per_kv, length)
         top = None
-        wide = d >= EINSUM_MIN_HEAD_DIM
         if g.full:  # whole blocks: [full, G, kv_heads, groups*T, block] from a strided view, no gather
             keys = kc[: g.full, g.slots]
             if wide:
