@@ -111,24 +111,23 @@ class Attention(nn.Layer):
         qk = qk.reshape([batch, length, heads + kv_heads, head_dim])
         qk = qk * step.cos + paddle.roll(qk, head_dim // 2, axis=-1) * step.sin_signed
         q, k = paddle.split(qk, [heads, kv_heads], axis=2)
-        if step.host_write is not None:  # CPU float32: numpy's scatter into the cache's own memory
+        if step.host_write is not None:  # CPU float32: numpy writes the cache in place and attends
             block, slot, offset = step.host_write
-            np.from_dlpack(k_cache)[block, slot, :, offset] = k.reshape([batch * length, kv_heads, head_dim]).numpy()
-            np.from_dlpack(v_cache)[block, slot, :, offset] = v.reshape([batch * length, kv_heads, head_dim]).numpy()
-        else:
-            k_cache[step.write_block, step.write_slot, :, step.write_offset] = k
-            v_cache[step.write_block, step.write_slot, :, step.write_offset] = v.reshape([batch, length, kv_heads, head_dim])
+            k_host = k.numpy()
+            v_host = v.numpy().reshape(batch, length, kv_heads, head_dim)
+            np.from_dlpack(k_cache)[block, slot, :, offset] = k_host.reshape(batch * length, kv_heads, head_dim)
+            np.from_dlpack(v_cache)[block, slot, :, offset] = v_host.reshape(batch * length, kv_heads, head_dim)
+            if step.fresh:  # chunked causal attention over the prompt itself
+                out = prompt_attention(q.numpy(), k_host, v_host, scale=self.scale, causal=True)
+            else:
+                out = attend(q.reshape([batch * length, heads, head_dim]).numpy(), np.from_dlpack(k_cache),
+                             np.from_dlpack(v_cache), step.groups, kv_heads=kv_heads, length=length, scale=self.scale)
+            return self.o_proj(paddle.to_tensor(out.reshape(batch, length, heads * head_dim)))
 
-        if step.fresh and step.host_write is not None:  # CPU float32: chunked causal attention in numpy
-            out = prompt_attention(q.numpy(), k.numpy(), v.reshape([batch, length, kv_heads, head_dim]).numpy(),
-                                   scale=self.scale, causal=True)
-            return self.o_proj(paddle.to_tensor(out))
+        k_cache[step.write_block, step.write_slot, :, step.write_offset] = k
+        v_cache[step.write_block, step.write_slot, :, step.write_offset] = v.reshape([batch, length, kv_heads, head_dim])
         if step.fresh:
             return self.o_proj(self._fresh_attention(q, k, v.reshape([batch, length, kv_heads, head_dim]), step.mask))
-        if step.groups is not None:
-            out = attend(q.reshape([batch * length, heads, head_dim]).numpy(), np.from_dlpack(k_cache),
-                         np.from_dlpack(v_cache), step.groups, kv_heads=kv_heads, length=length, scale=self.scale)
-            return self.o_proj(paddle.to_tensor(out.reshape(batch, length, heads * head_dim)))
 
         keys = k_cache[: step.read_blocks]
         values = v_cache[: step.read_blocks]
@@ -236,7 +235,7 @@ class LlamaModel(nn.Layer):
         block_size = cache.block_size
         dtype = cache.k[0].dtype
         fresh = length > 1 and not start.any()
-        host = CPU_NUMPY_ATTENTION and dtype == paddle.float32 and cache.k[0].place.is_cpu_place()
+        host = numpy_attention(cache.k[0])
         on_host = host and not fresh
         read_blocks = -(-(int(positions.max()) + 1) // block_size)
         groups = mask = None
@@ -275,6 +274,11 @@ class LlamaForCausalLM(nn.Layer):
 
     def forward(self, embeds: paddle.Tensor, cache: KVCache, slots, start) -> paddle.Tensor:
         return self.lm_head(self.model(embeds, cache, slots, start))
+
+
+def numpy_attention(tensor: paddle.Tensor) -> bool:
+    """Whether attention over `tensor` (a cache or activations) runs in numpy: float32 on the CPU."""
+    return CPU_NUMPY_ATTENTION and tensor.dtype == paddle.float32 and tensor.place.is_cpu_place()
 
 
 def _to_dtype(tensor: paddle.Tensor, dtype) -> paddle.Tensor:

@@ -26,7 +26,7 @@ class VisionAttention(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         batch, tokens, width = x.shape
-        if x.dtype == paddle.float32 and x.place.is_cpu_place() and llama.CPU_NUMPY_ATTENTION:
+        if llama.numpy_attention(x):
             qkv = self.qkv(x).reshape([batch, tokens, 3, self.heads, self.head_dim]).numpy()
             out = prompt_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=self.head_dim**-0.5, causal=False)
             return self.proj(paddle.to_tensor(out))

@@ -95,6 +95,7 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         import paddle
 
         from model.generation import DecodeBatch
+        from model.llama import numpy_attention
 
         device = pick_device(config.device)
         paddle.set_device(device)
@@ -117,8 +118,9 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         return
     outbox.put(("ready", {"device": device, "row_length": row_len, "rows": config.max_batch_rows,
                           "pid": os.getpid()}))
-    # The thread writes its rows of the cache through numpy views (CPU float32); the OpenVINO engine takes one caller.
-    prefill_thread = device == "cpu" and forward_hidden is None and batch.cache.k[0].dtype == paddle.float32
+    # The thread writes its rows of the cache through numpy views (llama.numpy_attention); the OpenVINO
+    # engine takes one caller.
+    prefill_thread = forward_hidden is None and numpy_attention(batch.cache.k[0])
     Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder, prefill_thread=prefill_thread).run()
 
 
