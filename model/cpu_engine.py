@@ -55,6 +55,11 @@ class EngineUnavailable(RuntimeError):
     """This Paddle wheel cannot run the OpenVINO engine (no OpenVINO support compiled in)."""
 
 
+def cpu_threads() -> int:
+    """The CPU threads this process is meant to use: OMP_NUM_THREADS (the worker sets it), else every core."""
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+
+
 def find_llama(model) -> LlamaModel:
     """The LlamaModel inside a JanusModel, a LlamaForCausalLM or itself."""
     for path in ((), ("model",), ("language_model", "model")):
@@ -247,7 +252,7 @@ class CpuDecodeEngine:
         self.scale = np.float32(1.0 / np.sqrt(self.head_dim))
         self.inv_freq = self.llama.inv_freq
         self.engine = engine
-        self.threads = threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        self.threads = threads or cpu_threads()
         self.cache = None
         layers = len(self.llama.layers)
         tag = f"{os.getpid()}_{next(_BUILD_IDS)}"  # unique names: Paddle keys OpenVINO engines by var names
@@ -453,7 +458,7 @@ class CpuVQDecoder:
         if self.side * self.side != image_tokens:
             raise ValueError(f"{image_tokens} image tokens do not form a square grid")
         self.image_tokens = image_tokens
-        self.threads = threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        self.threads = threads or cpu_threads()
         root = tempfile.mkdtemp(prefix="janus-cpu-vq-", dir=workdir)
         started = time.perf_counter()
         try:

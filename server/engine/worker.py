@@ -177,7 +177,9 @@ class Scheduler:
         self.vq_cancelled: set[str] = set()
         self.vq_lock = threading.Lock()  # guards vq_waiting and vq_cancelled between the loop and the thread
         # Cores: while the thread decodes on some, the loop's Paddle ops take only the others.
-        self.cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        from model.cpu_engine import cpu_threads
+
+        self.cores = cpu_threads()
         self.vq_cores = 0  # cores the VQ thread is decoding on now (set by the thread)
         self.step_threads = self.cores
         if vq_decoder is not None:
