@@ -31,7 +31,7 @@ class Settings(BaseSettings):
         "eager", description="CPU decode path: eager Paddle, or Paddle Inference + OpenVINO (float32, about 2x faster).")
     cpu_vq: Literal["auto", "eager", "openvino"] = Field(
         "auto", description="CPU VQ image decoder: OpenVINO (about 4x faster, runs beside the decode loop), "
-        "eager Paddle, or auto (OpenVINO when this Paddle has it).")
+        "eager Paddle, or auto (OpenVINO when the openvino package is installed).")
     api_key: SecretStr | None = Field(
         None, description="If set, requests need 'Authorization: Bearer <key>' (not /health, /ready, /metrics)."
     )
