@@ -149,10 +149,12 @@ class StepEvent:
 class DecodeBatch:
     """All running sequences of one model, sharing one preallocated KV cache."""
 
-    def __init__(self, model, *, slots: int, max_len: int, forward_hidden=None):
-        """`forward_hidden`: another implementation of model.forward_hidden (e.g. model.cpu_engine's)."""
+    def __init__(self, model, *, slots: int, max_len: int, forward_hidden=None, encode_images=None):
+        """`forward_hidden`, `encode_images`: other implementations of the model's methods of those names
+        (model.cpu_engine's, model.cpu_vision's)."""
         self.model = model
         self.forward_hidden = forward_hidden or model.forward_hidden
+        self.encode_images = encode_images or model.encode_images
         self.max_len = max_len
         self.cache = model.new_cache(slots, max_len)
         self.pool = SlotPool(slots)
@@ -193,7 +195,7 @@ class DecodeBatch:
         """Run the prompt into cache row `slot` (from reserve_text); its last position's logits [vocab]."""
         embeds = self.model.embed_tokens(paddle.to_tensor(np.asarray(input_ids, np.int64)[None]))
         if pixel_values is not None and len(pixel_values):
-            features = self.model.encode_images(paddle.to_tensor(pixel_values))
+            features = self.encode_images(paddle.to_tensor(pixel_values))
             embeds = merge_image_features(embeds, features, image_mask)
         hidden = self._forward(embeds, [slot], [0])
         return self.model.text_logits(hidden[:, -1]).numpy()[0]

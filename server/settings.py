@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     cpu_vq: Literal["auto", "eager", "openvino"] = Field(
         "auto", description="CPU VQ image decoder: OpenVINO (about 4x faster, runs beside the decode loop), "
         "eager Paddle, or auto (OpenVINO when the openvino package is installed).")
+    cpu_vision: Literal["auto", "eager", "openvino"] = Field(
+        "auto", description="CPU image encoder for understanding (SigLIP + aligner): OpenVINO (one call that "
+        "releases the GIL, so it overlaps the decode loop), eager Paddle, or auto (OpenVINO when installed).")
     api_key: SecretStr | None = Field(
         None, description="If set, requests need 'Authorization: Bearer <key>' (not /health, /ready, /metrics)."
     )
@@ -84,4 +87,5 @@ class Settings(BaseSettings):
             threads=self.threads,
             cpu_engine=self.cpu_engine,
             cpu_vq=self.cpu_vq,
+            cpu_vision=self.cpu_vision,
         )

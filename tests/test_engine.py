@@ -304,15 +304,35 @@ def test_openvino_vq_decoder_matches_eager_vq_decode(loop, engine, tmp_path):
     """The engine's default CPU VQ decoder (OpenVINO, in a thread) gives the eager decoder's images."""
     request = GenerateRequest(prompt="a blue triangle", seed=5, n=2, temperature=1.0)
     fast = loop.run(engine.generate_images(request))
-    assert fast.timings.vq_decode > 0
+    assert fast.timings.vq_decode > 0 and "VQ decoder" in engine._workers[0].programs
     eager = start_engine(loop, tmp_path, cpu_vq="eager")
     try:
+        assert "VQ decoder" not in eager._workers[0].programs
         slow = loop.run(eager.generate_images(request))
     finally:
         loop.run(eager.stop())
     for a, b in zip(fast.images, slow.images):
         diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
         assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size
+
+
+def test_openvino_image_encoder_gives_eager_understanding(loop, engine, tmp_path):
+    """The engine's default CPU image encoder (OpenVINO) gives the eager encoder's tokens, sampled too."""
+    requests = [understand_request(i, max_new_tokens=16, temperature=0.9, seed=i) for i in range(2)]
+    requests.append(understand_request(5, max_new_tokens=16))
+
+    async def run_all(client):
+        return await asyncio.gather(*(client.understand(r) for r in requests))
+
+    fast = loop.run(run_all(engine))
+    assert "image encoder" in engine._workers[0].programs
+    eager = start_engine(loop, tmp_path, cpu_vision="eager")
+    try:
+        assert "image encoder" not in eager._workers[0].programs
+        slow = loop.run(run_all(eager))
+    finally:
+        loop.run(eager.stop())
+    assert [outcome(r) for r in fast] == [outcome(r) for r in slow]
 
 
 def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():

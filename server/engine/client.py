@@ -77,6 +77,7 @@ class WorkerHandle:
         self.rows_used = 0
         self.rows = 0
         self.row_length = 0
+        self.programs: list[str] = []  # the OpenVINO programs the worker runs on CPU
         self.steps = 0
         self.batch_rows = 0  # cache rows in use, as the worker itself last reported
         self.reader: threading.Thread | None = None
@@ -154,7 +155,7 @@ class EngineClient:
             model_path=str(self._model_path), device=worker.device, dtype=self.config.dtype,
             max_batch_rows=self.config.max_batch_rows, max_cache_tokens=self.config.max_cache_tokens,
             max_running_requests=self.config.max_running_requests, cpu_engine=self.config.cpu_engine,
-            cpu_vq=self.config.cpu_vq, threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
+            cpu_vq=self.config.cpu_vq, cpu_vision=self.config.cpu_vision, threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
 
     def _spawn(self, worker: WorkerHandle) -> None:
         worker.inbox = self._ctx.Queue()
@@ -504,7 +505,9 @@ class EngineClient:
             worker.ready = True
             worker.rows = info["rows"]
             worker.row_length = info["row_length"]
-            log.info("worker %d ready on %s", worker.index, info["device"])
+            worker.programs = list(info.get("programs", []))
+            log.info("worker %d ready on %s (OpenVINO: %s)", worker.index, info["device"],
+                     ", ".join(worker.programs) or "none")
             self._wake.set()
         elif kind == "fatal":
             worker.fatal = message[1]

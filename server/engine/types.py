@@ -204,3 +204,4 @@ class EngineConfig:
     threads: int | None = None  # CPU threads per worker (OMP_NUM_THREADS); None: all cores / workers
     cpu_engine: str = "eager"  # "openvino": decode steps on CPU through Paddle Inference + OpenVINO (float32)
     cpu_vq: str = "auto"  # CPU VQ decoder: "openvino" (in a thread beside the decode loop), "eager", "auto"
+    cpu_vision: str = "auto"  # CPU image encoder (SigLIP + aligner): "openvino", "eager", "auto"

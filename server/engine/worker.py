@@ -41,6 +41,7 @@ class WorkerConfig:
     max_running_requests: int = 0
     cpu_engine: str = "eager"
     cpu_vq: str = "auto"
+    cpu_vision: str = "auto"
     threads: int | None = None
     eos_id: int = 0
     pad_id: int = 0
@@ -112,16 +113,25 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
 
             forward_hidden = CpuDecodeEngine(model).forward_hidden
         batch = DecodeBatch(model, slots=config.max_batch_rows, max_len=row_len, forward_hidden=forward_hidden)
-        vq_decoder = make_vq_decoder(model, device, config.cpu_vq)
+        from model.cpu_engine import CpuVQDecoder
+        from model.cpu_vision import CpuVisionEncoder
+
+        vision = make_cpu_program("image encoder", device, config.cpu_vision,
+                                  lambda: CpuVisionEncoder(model, single_thread_copy=True))
+        vq_decoder = make_cpu_program("VQ decoder", device, config.cpu_vq,
+                                      lambda: CpuVQDecoder(model, single_thread_copy=True))
     except Exception as error:  # noqa: BLE001 - the parent reports it and stops retrying
         outbox.put(("fatal", f"{type(error).__name__}: {error}"))
         return
+    programs = [name for name, program in (("decode engine", forward_hidden), ("image encoder", vision),
+                                           ("VQ decoder", vq_decoder)) if program is not None]
     outbox.put(("ready", {"device": device, "row_length": row_len, "rows": config.max_batch_rows,
-                          "pid": os.getpid()}))
+                          "pid": os.getpid(), "programs": programs}))
     # The thread writes its rows of the cache through numpy views (llama.numpy_attention); the OpenVINO
     # engine takes one caller.
     prefill_thread = forward_hidden is None and numpy_attention(batch.cache.k[0])
-    Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder, prefill_thread=prefill_thread).run()
+    Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder, vision=vision,
+              prefill_thread=prefill_thread).run()
 
 
 def limit_blas_threads() -> None:
@@ -136,27 +146,30 @@ def limit_blas_threads() -> None:
     threadpool_limits(1, user_api="blas")
 
 
-def make_vq_decoder(model, device: str, choice: str):
-    """The OpenVINO VQ decoder on CPU when asked for (or "auto" and available); None: eager, inline."""
+def make_cpu_program(what: str, device: str, choice: str, build):
+    """An OpenVINO program from `build()` on CPU when asked for ("openvino"), or with "auto" when the
+    openvino package is installed; None (eager Paddle) otherwise, or when "auto" cannot build it.
+
+    Used for the VQ decoder (run by a thread beside the decode loop) and the image encoder."""
     if device != "cpu" or choice == "eager":
         return None
-    from model.cpu_engine import CpuVQDecoder, openvino_runtime_available
+    from model.cpu_engine import openvino_runtime_available
 
     if choice == "auto" and not openvino_runtime_available():
         return None
     try:
-        return CpuVQDecoder(model, single_thread_copy=True)
+        return build()
     except Exception:
         if choice == "openvino":
             raise
-        log.warning("OpenVINO VQ decoder unavailable, decoding images with eager Paddle", exc_info=True)
+        log.warning("OpenVINO %s unavailable, running it in eager Paddle", what, exc_info=True)
         return None
 
 
 class Scheduler:
     """Admission and stepping for one worker; FIFO admission, every admitted row steps together."""
 
-    def __init__(self, model, batch, config: WorkerConfig, inbox, outbox, *, vq_decoder=None,
+    def __init__(self, model, batch, config: WorkerConfig, inbox, outbox, *, vq_decoder=None, vision=None,
                  prefill_thread: bool = False):
         self.model = model
         self.batch = batch
@@ -194,6 +207,10 @@ class Scheduler:
         self.prefill_done: queue.Queue = queue.Queue()
         if prefill_thread:
             threading.Thread(target=self.prefill_loop, name="prefill", daemon=True).start()
+        # With a vision encoder program (CPU), prefills encode their images through it.
+        self.vision = vision
+        if vision is not None:
+            batch.encode_images = self.encode_images
 
     def run(self) -> None:
         while True:
@@ -297,6 +314,11 @@ class Scheduler:
                 except Exception as error:  # noqa: BLE001 - this request fails alone
                     job.error = error
             self.prefill_done.put(job)
+
+    def encode_images(self, pixels):
+        """The vision program, on one core while the prefill thread runs beside stepping rows, else on all
+        (as the VQ thread does)."""
+        return self.vision.encode_images(pixels, single_thread=self.prefill_thread and bool(self.running))
 
     def join_prefilled(self, *, wait: bool) -> None:
         """Rows whose prefill is done join the batch (or fail alone); `wait`: a little, for the first."""
