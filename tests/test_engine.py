@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,6 +273,48 @@ def test_killed_worker_fails_running_requests_and_serves_waiting_ones(loop, tmp_
         pids = worker_pids(engine)
         loop.run(engine.stop())
         assert not any(pid_alive(pid) for pid in pids)
+
+
+API_PROCESS = """
+import asyncio, sys
+sys.path.insert(0, {root!r})
+from server.engine.client import EngineClient
+from server.engine.types import EngineConfig
+
+async def main():
+    engine = EngineClient(EngineConfig(model="janus-tiny", home={home!r}, devices=["cpu"], threads=1))
+    await engine.start()
+    await engine.wait_ready(timeout=120)
+    print(engine._workers[0].process.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_worker_exits_when_the_api_process_is_killed(tmp_path):
+    """An API process killed with SIGKILL cannot stop its worker; the worker notices and exits."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    api = subprocess.Popen([sys.executable, "-c", API_PROCESS.format(root=root, home=str(tmp_path))],
+                           stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        worker = int(api.stdout.readline())
+        assert pid_alive(worker)
+        api.kill()
+        api.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while pid_alive(worker):
+            assert time.monotonic() < deadline, "the worker outlived its API process"
+            time.sleep(0.1)
+    finally:
+        api.kill()
+        api.wait(timeout=10)
+        if worker is not None and pid_alive(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_request_timeout(loop, tmp_path):

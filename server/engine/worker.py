@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import multiprocessing
 import os
 import queue
 import threading
@@ -180,6 +181,8 @@ class Scheduler:
         self.running: dict[str, RunningRequest] = {}
         self.steps = 0
         self.reported_rows = 0
+        self.parent = multiprocessing.parent_process()  # None when not started by multiprocessing
+        self.parent_checked = time.monotonic()
         self.events: list[tuple] = []
         # With a VQ decoder program (CPU), finished codes are decoded by a thread beside the decode
         # loop, so that the running rows keep stepping; the thread posts its results itself.
@@ -217,12 +220,27 @@ class Scheduler:
             idle = not self.running and not self.pending and not self.prefilling
             if not self.take_messages(block=idle):
                 return
+            if self.orphaned():
+                log.warning("the API process is gone; worker %d exits", os.getpid())
+                self.outbox.cancel_join_thread()  # nobody reads it any more
+                return
             self.join_prefilled(wait=not self.running and bool(self.prefilling))
             self.share_cores()
             self.admit()
             if self.running:
                 self.step()
             self.flush()
+
+    def orphaned(self) -> bool:
+        """Whether the API process that started this worker has died (checked at most once a second).
+
+        A killed API process (SIGKILL, OOM killer) cannot stop its workers; without this they
+        would hold the model's memory and the device forever."""
+        now = time.monotonic()
+        if now - self.parent_checked < 1.0:
+            return False
+        self.parent_checked = now
+        return self.parent is not None and not self.parent.is_alive()
 
     def take_messages(self, *, block: bool) -> bool:
         """Read the inbox; False on "stop"."""
