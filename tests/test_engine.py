@@ -427,7 +427,7 @@ def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():
     assert events["bad"][0] == "error" and "bad codes" in events["bad"][1]
     time.sleep(0.2)
     assert outbox.empty() and decoder.seen == [0, 1]
-    assert not scheduler.vq_waiting and not scheduler.vq_cancelled
+    assert not scheduler.decoding
     assert scheduler.vq_cores == 0
     scheduler.share_cores()
     assert scheduler.step_threads == scheduler.cores

@@ -49,6 +49,16 @@ class WorkerConfig:
 
 
 @dataclasses.dataclass
+class Decoding:
+    """An image request whose codes the VQ thread decodes; the loop may mark it cancelled meanwhile."""
+
+    rid: str
+    codes: Any
+    timings: dict[str, float]
+    cancelled: bool = False
+
+
+@dataclasses.dataclass
 class Prefilling:
     """An understanding request whose prompt the prefill thread runs into its reserved cache row."""
 
@@ -187,11 +197,9 @@ class Scheduler:
         # With a VQ decoder program (CPU), finished codes are decoded by a thread beside the decode
         # loop, so that the running rows keep stepping; the thread posts its results itself.
         self.vq_decoder = vq_decoder
-        self.vq_ready: list[tuple] = []  # handed to the thread at the next flush, after that step's events
+        self.vq_ready: list[Decoding] = []  # handed to the thread at the next flush, after that step's events
         self.vq_jobs: queue.Queue = queue.Queue()
-        self.vq_waiting: set[str] = set()
-        self.vq_cancelled: set[str] = set()
-        self.vq_lock = threading.Lock()  # guards vq_waiting and vq_cancelled between the loop and the thread
+        self.decoding: dict[str, Decoding] = {}  # ready or in the thread; the thread removes what it is done with
         # Cores: while the thread decodes on some, the loop's Paddle ops take only the others.
         from model.cpu_engine import cpu_threads
 
@@ -262,9 +270,8 @@ class Scheduler:
                 return True
 
     def cancel(self, rid: str) -> None:
-        with self.vq_lock:
-            if rid in self.vq_waiting:
-                self.vq_cancelled.add(rid)
+        if rid in self.decoding:  # a decode already under way still finishes; its images are dropped
+            self.decoding[rid].cancelled = True
         self.pending = collections.deque(m for m in self.pending if m[1] != rid)
         if rid in self.prefilling:  # its row is freed when the thread is done with it
             self.prefilling[rid].cancelled = True
@@ -410,9 +417,8 @@ class Scheduler:
 
         request = self.running.pop(rid)
         if self.vq_decoder is not None:
-            with self.vq_lock:
-                self.vq_waiting.add(rid)
-            self.vq_ready.append((rid, codes, self.timings(request)))
+            self.decoding[rid] = Decoding(rid, codes, self.timings(request))
+            self.vq_ready.append(self.decoding[rid])
             return
         self.events.append(images_event(rid, lambda: decode_images(self.model, codes), self.timings(request)))
 
@@ -437,11 +443,9 @@ class Scheduler:
         from model.generation import to_uint8_images
 
         while True:
-            rid, codes, timings = self.vq_jobs.get()
-            with self.vq_lock:
-                cancelled = rid in self.vq_cancelled
+            job = self.vq_jobs.get()
             event = None
-            if not cancelled:
+            if not job.cancelled:
                 # One core while the loop has rows to step, all when it is idle. (Measured, janus-tiny,
                 # 8 concurrent image requests: also taking all cores when images pile up was no faster.)
                 single = bool(self.running)
@@ -449,15 +453,13 @@ class Scheduler:
                 def decode():
                     self.vq_cores = 1 if single else self.vq_decoder.threads
                     try:
-                        return to_uint8_images(self.vq_decoder.decode(codes, single_thread=single))
+                        return to_uint8_images(self.vq_decoder.decode(job.codes, single_thread=single))
                     finally:
                         self.vq_cores = 0
 
-                event = images_event(rid, decode, timings)
-            with self.vq_lock:
-                self.vq_cancelled.discard(rid)
-                self.vq_waiting.discard(rid)
-            if event is not None:
+                event = images_event(job.rid, decode, job.timings)
+            self.decoding.pop(job.rid, None)
+            if event is not None and not job.cancelled:
                 self.outbox.put(("events", [event], {"steps": self.steps, "rows": self.reported_rows}))
 
 
