@@ -233,8 +233,8 @@ class Scheduler:
                 self.outbox.cancel_join_thread()  # nobody reads it any more
                 return
             self.join_prefilled(wait=not self.running and bool(self.prefilling))
-            self.share_cores()
             self.admit()
+            self.share_cores()  # after admit: a prompt it hands to the prefill thread counts at once
             if self.running:
                 self.step()
             self.flush()
