@@ -378,6 +378,35 @@ def test_openvino_image_encoder_gives_eager_understanding(loop, engine, tmp_path
     assert [outcome(r) for r in fast] == [outcome(r) for r in slow]
 
 
+def test_cpu_programs_are_built_only_where_asked_and_auto_falls_back(monkeypatch, caplog):
+    """make_cpu_program: none on GPU or with "eager"; "auto" skips a missing openvino package and falls back
+    to eager (with a warning) when the build fails; "openvino" raises instead."""
+    import model.cpu_engine as cpu_engine
+    from server.engine.worker import make_cpu_program
+
+    def broken():
+        raise RuntimeError("no such device")
+
+    built = []
+
+    def build():
+        built.append(1)
+        return "program"
+
+    assert make_cpu_program("VQ decoder", "gpu:0", "openvino", build) is None
+    assert make_cpu_program("VQ decoder", "cpu", "eager", build) is None
+    assert built == []
+    assert make_cpu_program("VQ decoder", "cpu", "auto", build) == "program"
+    assert make_cpu_program("VQ decoder", "cpu", "openvino", build) == "program"
+    with caplog.at_level("WARNING", logger="janus.worker"):
+        assert make_cpu_program("image encoder", "cpu", "auto", broken) is None
+    assert "OpenVINO image encoder unavailable" in caplog.text
+    with pytest.raises(RuntimeError, match="no such device"):
+        make_cpu_program("image encoder", "cpu", "openvino", broken)
+    monkeypatch.setattr(cpu_engine, "openvino_runtime_available", lambda: False)
+    assert make_cpu_program("VQ decoder", "cpu", "auto", build) is None and built == [1, 1]
+
+
 def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():
     """Scheduler's VQ thread: a decode error fails its request only; a cancelled request gets no decode;
     while it decodes, the loop's Paddle ops keep off its cores."""
