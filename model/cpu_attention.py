@@ -66,6 +66,14 @@ def plan_groups(slots: np.ndarray, positions: np.ndarray, block_size: int) -> li
     return groups
 
 
+def write_cache(kc: np.ndarray, vc: np.ndarray, where: tuple, k: np.ndarray, v: np.ndarray) -> None:
+    """Write new keys and values k/v [N, kv_heads, D] into the cache views kc/vc, in place, at
+    where = (block, slot, offset), three [N] index arrays (KVCache's layout, as `attend` reads it)."""
+    block, slot, offset = where
+    kc[block, slot, :, offset] = k
+    vc[block, slot, :, offset] = v
+
+
 def attend(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, groups: list[Group], *, kv_heads: int, length: int,
            scale: float) -> np.ndarray:
     """q [B*T, heads, D] (batch-major, unscaled) over cache views kc/vc -> [B*T, heads*D] float32."""

@@ -45,7 +45,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .cpu_attention import Group, attend, plan_groups
+from .cpu_attention import Group, attend, plan_groups, write_cache
 from .llama import KVCache, LlamaModel, cache_addresses, rotary_cos_sin
 
 _BUILD_IDS = itertools.count()
@@ -312,8 +312,7 @@ class CpuDecodeEngine:
         """Write this step's keys/values into the cache, then attend over each row's prefix; [N, heads*D]."""
         heads, kv_heads = self.heads, self.kv_heads
         kc, vc = self._k[layer], self._v[layer]
-        kc[plan.write_block, plan.write_slot, :, plan.write_offset] = qk[:, heads:]
-        vc[plan.write_block, plan.write_slot, :, plan.write_offset] = v
+        write_cache(kc, vc, (plan.write_block, plan.write_slot, plan.write_offset), qk[:, heads:], v)
         return attend(qk[:, :heads], kc, vc, plan.groups, kv_heads=kv_heads, length=plan.length, scale=self.scale)
 
     def forward_hidden(self, embeds, cache: KVCache, slots, start) -> paddle.Tensor:

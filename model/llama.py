@@ -15,7 +15,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .config import LlamaConfig
-from .cpu_attention import Group, attend, plan_groups, prompt_attention
+from .cpu_attention import Group, attend, plan_groups, prompt_attention, write_cache
 
 # Cached-token attention on CPU float32 runs in numpy on the cache's memory (model/cpu_attention.py);
 # False keeps it in Paddle everywhere (for comparison: bench/cpu_attention_bench.py).
@@ -112,11 +112,10 @@ class Attention(nn.Layer):
         qk = qk * step.cos + paddle.roll(qk, head_dim // 2, axis=-1) * step.sin_signed
         q, k = paddle.split(qk, [heads, kv_heads], axis=2)
         if step.host_write is not None:  # CPU float32: numpy writes the cache in place and attends
-            block, slot, offset = step.host_write
             k_host = k.numpy()
             v_host = v.numpy().reshape(batch, length, kv_heads, head_dim)
-            np.from_dlpack(k_cache)[block, slot, :, offset] = k_host.reshape(batch * length, kv_heads, head_dim)
-            np.from_dlpack(v_cache)[block, slot, :, offset] = v_host.reshape(batch * length, kv_heads, head_dim)
+            write_cache(np.from_dlpack(k_cache), np.from_dlpack(v_cache), step.host_write,
+                        k_host.reshape(batch * length, kv_heads, head_dim), v_host.reshape(batch * length, kv_heads, head_dim))
             if step.fresh:  # chunked causal attention over the prompt itself
                 out = prompt_attention(q.numpy(), k_host, v_host, scale=self.scale, causal=True)
             else:
