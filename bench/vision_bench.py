@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # Paddle pins 1 thread unless told
@@ -28,6 +26,7 @@ from model.config import JanusConfig  # noqa: E402
 from model.cpu_vision import CpuVisionEncoder  # noqa: E402
 from model.janus import MlpProjector  # noqa: E402
 from model.siglip import SigLIPVisionTower  # noqa: E402
+from timing import fill_random, median_seconds  # noqa: E402  (bench/timing.py)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "golden" / "janus-tiny"
 
@@ -52,22 +51,8 @@ def load_encoder(name: str):
         return load_model(GOLDEN)
     encoder = Encoder(JanusConfig.from_name(name))
     encoder.eval()
-    rng = np.random.default_rng(0)
-    for _, param in encoder.named_parameters():  # random weights from numpy: Paddle's initialisers are slow
-        scale = 0.02 if len(param.shape) > 1 else 1.0
-        base = 1.0 if len(param.shape) == 1 else 0.0
-        param.set_value((base + scale * rng.standard_normal(param.shape)).astype(np.float32))
+    fill_random(encoder, lambda shape: (1.0, 1.0) if len(shape) == 1 else (0.02, 0.0))
     return encoder
-
-
-def median_seconds(call, rounds: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import paddle  # noqa: E402
 from model.config import JanusConfig  # noqa: E402
 from model.cpu_engine import CpuVQDecoder  # noqa: E402
 from model.vq import VQModel  # noqa: E402
+from timing import fill_random, median_seconds  # noqa: E402  (bench/timing.py)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "golden" / "janus-tiny"
 
@@ -38,22 +37,9 @@ def load_vq(name: str):
         return load_model(GOLDEN).gen_vision_model
     vq = VQModel(JanusConfig.from_name(name).gen_vision)
     vq.eval()
-    rng = np.random.default_rng(0)
-    for _, param in vq.named_parameters():  # random weights from numpy: Paddle's initialisers are slow
-        scale = 1.0 if len(param.shape) == 1 else 1.0 / np.sqrt(np.prod(param.shape[1:]))
-        base = 1.0 if len(param.shape) == 1 and param.shape[0] > 1 else 0.0
-        param.set_value((base + scale * rng.standard_normal(param.shape)).astype(np.float32))
+    fill_random(vq, lambda shape: (1.0, 1.0 if shape[0] > 1 else 0.0) if len(shape) == 1
+                else (1.0 / np.sqrt(np.prod(shape[1:])), 0.0))
     return vq
-
-
-def median_seconds(call, rounds: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main() -> None:
