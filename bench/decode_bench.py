@@ -101,7 +101,13 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=64, help="KV cache block size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings alone")
+    parser.add_argument("--paddle-matmul", action="store_true",
+                        help="keep the projections in Paddle's matmul (llama.linear sends the large ones to numpy)")
     args = parser.parse_args()
+    if args.paddle_matmul:
+        import model.llama as llama
+
+        llama.CPU_NUMPY_LINEAR = False
     batches = [int(b) for b in args.batches.split(",")]
     if not args.default_malloc:
         keep_freed_memory()  # as load_model does on CPU
@@ -110,7 +116,8 @@ def main() -> None:
     model, weight_bytes = build_model(args.model, args.seed)
     print(f"{args.model}: random float32 decode-path weights in {time.perf_counter() - start:.1f} s, "
           f"{weight_bytes / 1e9:.2f} GB read per step; OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
-          f"MKL_DEBUG_CPU_TYPE={os.environ.get('MKL_DEBUG_CPU_TYPE', 'unset')}")
+          f"MKL_DEBUG_CPU_TYPE={os.environ.get('MKL_DEBUG_CPU_TYPE', 'unset')}; projections in "
+          f"{'Paddle' if args.paddle_matmul else 'numpy when large (llama.linear)'}")
     bandwidth = copy_bandwidth()
     print(f"memory bandwidth (numpy copy, read + write): {bandwidth / 1e9:.1f} GB/s")
     lm = model.config.language

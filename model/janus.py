@@ -9,7 +9,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .config import AlignerConfig, GenHeadConfig, JanusConfig
-from .llama import KVCache, LlamaForCausalLM
+from .llama import KVCache, LlamaForCausalLM, linear
 from .siglip import SigLIPVisionTower
 from .vq import VQModel
 
@@ -37,7 +37,7 @@ class GenHead(nn.Layer):
         self.vision_head = nn.Linear(config.image_token_embed, config.image_token_size)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.vision_head(F.gelu(self.output_mlp_projector(x)))
+        return linear(self.vision_head, F.gelu(linear(self.output_mlp_projector, x)))
 
 
 @contextlib.contextmanager
@@ -123,7 +123,7 @@ class JanusModel(nn.Layer):
 
     @paddle.no_grad()
     def text_logits(self, hidden) -> paddle.Tensor:
-        return self.language_model.lm_head(_tensor(hidden, self.dtype_name)).astype("float32")
+        return linear(self.language_model.lm_head, _tensor(hidden, self.dtype_name)).astype("float32")
 
     @paddle.no_grad()
     def image_logits(self, hidden) -> paddle.Tensor:

@@ -239,3 +239,26 @@ def test_eager_numpy_attention_matches_paddle_attention(model, slots, starts, to
     assert relative_error(got, want) < TOLERANCE
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # later layers: rounding apart
         assert relative_error(a.numpy(), b.numpy()) < TOLERANCE
+
+
+def test_cpu_blas_thread_counts_for_large_and_small_products(monkeypatch):
+    """model/cpu_blas.py: the small count outside gemm(), the gemm count inside it, and nothing changed in a
+    process that never configured it."""
+    from model import cpu_blas
+
+    libs = cpu_blas._controllers()
+    assert libs, "numpy's BLAS not found"
+    original = libs[0].num_threads
+    assert not cpu_blas.configured()
+    with cpu_blas.gemm():
+        assert libs[0].num_threads == original
+    monkeypatch.setattr(cpu_blas, "_gemm_threads", None)
+    monkeypatch.setattr(cpu_blas, "_small_threads", None)
+    try:
+        cpu_blas.configure(gemm_threads=2, small_threads=1)
+        assert cpu_blas.configured() and libs[0].num_threads == 1
+        with cpu_blas.gemm():
+            assert libs[0].num_threads == 2
+        assert libs[0].num_threads == 1
+    finally:
+        cpu_blas._set(original)

@@ -58,8 +58,35 @@ def test_image_features_merge_into_token_embeddings(model, cases, conv):
     assert_close(embeds, cases[p + "inputs_embeds"])
 
 
+@pytest.fixture(params=["paddle", "numpy"])
+def linear_path(request, monkeypatch):
+    """The LM's projections through Paddle, or all through numpy's BLAS (on CPU float32 the large ones
+    of the full-size model go there, see llama.linear); yields the count of numpy products."""
+    import contextlib
+
+    import model.llama as llama
+
+    products = []
+    if request.param == "paddle":
+        monkeypatch.setattr(llama, "CPU_NUMPY_LINEAR", False)
+    else:
+        monkeypatch.setattr(llama, "NUMPY_LINEAR_MIN_ROWS", 1)
+        monkeypatch.setattr(llama, "NUMPY_LINEAR_MIN_WEIGHTS", 0)
+        real = llama.cpu_blas.gemm
+
+        @contextlib.contextmanager
+        def counted():
+            products.append(1)
+            with real():
+                yield
+
+        monkeypatch.setattr(llama.cpu_blas, "gemm", counted)
+    yield request.param, products
+    assert bool(products) == (request.param == "numpy")
+
+
 @pytest.mark.parametrize("conv", ["conv1", "conv2"])
-def test_understanding_prefill_and_greedy_decode(model, cases, conv):
+def test_understanding_prefill_and_greedy_decode(model, cases, conv, linear_path):
     p = f"understanding.{conv}."
     embeds = cases[p + "inputs_embeds"]
     length = embeds.shape[1]
@@ -87,7 +114,7 @@ def test_chunked_prefill_matches_one_pass(model, cases):
     assert_close(model.text_logits(second), cases[p + "prefill_logits"][:, 300:])
 
 
-def test_understanding_batch_rows_in_own_cache_slots(model, cases):
+def test_understanding_batch_rows_in_own_cache_slots(model, cases, linear_path):
     b = "understanding_batch."
     mask = cases[b + "attention_mask"].astype(bool)
     generated = cases[b + "generated_ids"]
@@ -112,7 +139,7 @@ def test_understanding_batch_rows_in_own_cache_slots(model, cases):
         np.testing.assert_array_equal(logits.argmax(-1), generated[:, i])
 
 
-def test_generation_prompt_embeddings_and_first_step(model, cases):
+def test_generation_prompt_embeddings_and_first_step(model, cases, linear_path):
     g = "generation."
     ids = cases[g + "input_ids"].astype(np.int64)
     embeds = model.embed_tokens(ids)
@@ -127,7 +154,7 @@ def test_generation_prompt_embeddings_and_first_step(model, cases):
     assert_close(model.embed_image_tokens(first_tokens), cases[g + "step1_img_embeds"])
 
 
-def test_generation_cfg_loop_teacher_forced(model, cases):
+def test_generation_cfg_loop_teacher_forced(model, cases, linear_path):
     g = "generation."
     ids = cases[g + "input_ids"].astype(np.int64)
     tokens = cases[g + "image_tokens"].astype(np.int64)

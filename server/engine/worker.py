@@ -146,15 +146,18 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
 
 
 def limit_blas_threads() -> None:
-    """Numpy's BLAS (the CPU attention's matmuls) to one thread.
+    """Numpy's BLAS to one thread, but for the large products of llama.linear (model/cpu_blas.py).
 
     Paddle's OpenMP threads keep spinning for a while after each op; a second pool of BLAS
     threads then fights them for the same cores. Measured on the 2-core dev box, janus-tiny
     understanding prefill (SigLIP + 620-token prompt): 46-170 ms with both pools, 27-32 ms so.
+    The large products (Janus-1.3B's projections over 3 or more rows) take the cores the loop
+    may use, which share_cores keeps up to date.
     """
-    from threadpoolctl import threadpool_limits
+    from model import cpu_blas
+    from model.cpu_engine import cpu_threads
 
-    threadpool_limits(1, user_api="blas")
+    cpu_blas.configure(gemm_threads=cpu_threads(), small_threads=1)
 
 
 def make_cpu_program(what: str, device: str, choice: str, build):
@@ -395,7 +398,11 @@ class Scheduler:
         if want != self.step_threads:
             import paddle
 
+            from model import cpu_blas
+
             paddle.base.core.set_num_threads(want)
+            if cpu_blas.configured():  # the large numpy products follow Paddle's count
+                cpu_blas.configure(gemm_threads=want, small_threads=1)
             self.step_threads = want
 
     def handle(self, events) -> None:
