@@ -3,8 +3,8 @@
     .venv/bin/python bench/vision_bench.py                       # janus-tiny (the golden checkpoint)
     .venv/bin/python bench/vision_bench.py --model deepseek-ai/Janus-1.3B   # full-size SigLIP-L, random weights
 
-Times one 384x384 image per call, in one run: eager Paddle (with its numpy attention on
-CPU, as the worker runs it), and the OpenVINO model on all threads and on one. Prints
+Times one 384x384 image per call, in one run: eager Paddle (with its numpy attention and,
+for large layers, numpy projections on CPU, as the worker runs it), and the OpenVINO model on all threads and on one. Prints
 medians, the ratios to eager, each model's largest difference from eager, and how long
 the OpenVINO model took to build.
 """

@@ -5,8 +5,8 @@ under the GIL. In the worker's prefill thread (server/engine/worker.py) that Pyt
 is taken from the decode loop, which needs the GIL for its own ops. OpenVINO runs the
 whole encoder in one infer() call that releases the GIL, and it is faster. Measured on the
 2-core dev box (bench/vision_bench.py, one 384 x 384 image, eager / OpenVINO on 2 threads /
-on 1): janus-tiny 12.9 / 2.6 / 4.8 ms; Janus-1.3B's SigLIP-L (random weights) 10.2 / 3.2 /
-5.5 s.
+on 1): janus-tiny 12.9 / 2.6 / 4.8 ms; Janus-1.3B's SigLIP-L (random weights) 4.6 / 2.6 /
+5.0 s (eager was 10.2 s before llama.linear sent its projections to numpy's BLAS).
 
 The graph is built with OpenVINO's own operations from the eager model's parameters
 (copied once), following model/siglip.py and janus.MlpProjector step by step: patch

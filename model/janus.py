@@ -25,7 +25,9 @@ class MlpProjector(nn.Layer):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.layers(x)
+        for layer in self.layers:
+            x = linear(layer, x) if isinstance(layer, nn.Linear) else layer(x)
+        return x
 
 
 class GenHead(nn.Layer):

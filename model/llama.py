@@ -294,7 +294,7 @@ def linear(layer: nn.Linear, x: paddle.Tensor) -> paddle.Tensor:
     (bench/decode_bench.py, with and without --paddle-matmul). At 2 rows both take the same.
     """
     weight = layer.weight
-    if (CPU_NUMPY_LINEAR and numpy_attention(x) and math.prod(x.shape[:-1]) >= NUMPY_LINEAR_MIN_ROWS
+    if (CPU_NUMPY_LINEAR and cpu_float32(x) and math.prod(x.shape[:-1]) >= NUMPY_LINEAR_MIN_ROWS
             and weight.shape[0] * weight.shape[1] >= NUMPY_LINEAR_MIN_WEIGHTS):
         rows = x.numpy().reshape(-1, x.shape[-1])  # 2-D: one GEMM, not one GEMV per leading index
         with cpu_blas.gemm():
@@ -305,9 +305,13 @@ def linear(layer: nn.Linear, x: paddle.Tensor) -> paddle.Tensor:
     return layer(x)
 
 
+def cpu_float32(tensor: paddle.Tensor) -> bool:
+    return tensor.dtype == paddle.float32 and tensor.place.is_cpu_place()
+
+
 def numpy_attention(tensor: paddle.Tensor) -> bool:
     """Whether attention over `tensor` (a cache or activations) runs in numpy: float32 on the CPU."""
-    return CPU_NUMPY_ATTENTION and tensor.dtype == paddle.float32 and tensor.place.is_cpu_place()
+    return CPU_NUMPY_ATTENTION and cpu_float32(tensor)
 
 
 def _to_dtype(tensor: paddle.Tensor, dtype) -> paddle.Tensor:

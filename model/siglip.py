@@ -27,9 +27,9 @@ class VisionAttention(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         batch, tokens, width = x.shape
         if llama.numpy_attention(x):
-            qkv = self.qkv(x).reshape([batch, tokens, 3, self.heads, self.head_dim]).numpy()
+            qkv = llama.linear(self.qkv, x).reshape([batch, tokens, 3, self.heads, self.head_dim]).numpy()
             out = prompt_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=self.head_dim**-0.5, causal=False)
-            return self.proj(paddle.to_tensor(out))
+            return llama.linear(self.proj, paddle.to_tensor(out))
         qkv = self.qkv(x).reshape([batch, tokens, 3, self.heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
         q, k, v = qkv[0], qkv[1], qkv[2]
         scores = paddle.matmul(q * (self.head_dim**-0.5), k, transpose_y=True)
@@ -44,7 +44,7 @@ class VisionMLP(nn.Layer):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return llama.linear(self.fc2, F.gelu(llama.linear(self.fc1, x)))
 
 
 class VisionBlock(nn.Layer):

@@ -40,7 +40,7 @@ def assert_images_close(actual: np.ndarray, expected: np.ndarray):
 
 
 @pytest.mark.parametrize("attention", ["numpy", "paddle"])
-def test_siglip_features_and_aligner(model, cases, attention, monkeypatch):
+def test_siglip_features_and_aligner(model, cases, attention, monkeypatch, linear_path):
     """On CPU float32 the attention runs in numpy (model/cpu_attention.py); elsewhere in Paddle. Both match."""
     import model.llama as llama
 
