@@ -6,8 +6,9 @@
 The worker (server/engine/worker.py) prefills understanding prompts in a thread on CPU
 while its loop keeps stepping the running rows. This times, in one run and on the same
 cache: a prompt's prefill alone; decode steps of the running rows alone; and both at once,
-steps on the loop's thread and the prefill in another, with Paddle's threads (one setting
-for the process) at half the cores, as the worker sets them. Without the thread, every running row would wait for the
+steps on the loop's thread and the prefill in another, with Paddle's threads and the large
+numpy products' threads (each one setting for the process) at half the cores, as the
+worker sets them. Without the thread, every running row would wait for the
 whole prefill. Prints medians.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from cpu_decode_floor import build_model, fill_cache  # noqa: E402
+from model import cpu_blas  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     cores = int(os.environ["OMP_NUM_THREADS"])
+    cpu_blas.configure(gemm_threads=cores, small_threads=1)  # as the worker sets numpy's BLAS
     model = build_model(layers=args.layers)
     hidden = model.config.hidden_size
     cache = model.new_cache(args.rows + 1, args.prompt + 64, dtype="float32")
@@ -73,6 +76,7 @@ def main() -> None:
             done.set()
 
         paddle.base.core.set_num_threads(max(1, cores // 2))
+        cpu_blas.configure(gemm_threads=max(1, cores // 2), small_threads=1)
         worker = threading.Thread(target=in_thread)
         worker.start()
         while not done.is_set():
@@ -80,6 +84,7 @@ def main() -> None:
         worker.join()
         overlapped_prefills.extend(took)
         paddle.base.core.set_num_threads(cores)
+        cpu_blas.configure(gemm_threads=cores, small_threads=1)
     print(f"{model.config.num_hidden_layers} layers, hidden {hidden}, {cores} cores; prompt {args.prompt} tokens, "
           f"{args.rows} running rows; medians of {args.rounds} rounds")
     print(f"prefill alone:                         {prefill_alone:8.2f} s")
