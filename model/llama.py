@@ -277,28 +277,30 @@ class LlamaForCausalLM(nn.Layer):
 
 
 CPU_NUMPY_LINEAR = True
-# Below these sizes Paddle's own matmul is as fast (a GEMV over one or two rows) or the product is
-# too small to be worth a round trip through numpy.
-NUMPY_LINEAR_MIN_ROWS = 3
-NUMPY_LINEAR_MIN_WEIGHTS = 1 << 20
+NUMPY_LINEAR_MIN_ROWS = 1
+NUMPY_LINEAR_MIN_WEIGHTS = 1 << 20  # smaller products stay in Paddle: not worth the round trip
+NUMPY_LINEAR_GEMV_ROWS = 2  # up to this many rows, one GEMV per row (OpenBLAS's GEMM is slow there)
 
 
 def linear(layer: nn.Linear, x: paddle.Tensor) -> paddle.Tensor:
     """layer(x) for a Linear; on CPU float32 a large product runs in numpy's BLAS.
 
-    Why: Paddle 3.3's CPU matmul streams the weights at a third of OpenBLAS's speed once a
-    product has more than two rows. Measured on the 2-core dev box, [rows x 2048] @ [2048 x
-    11264] (one Janus-1.3B gate/up projection, 92 MB): 8 rows 16.7-22.4 ms in Paddle against
-    6.2-7.4 ms in numpy, 620 rows 510-620 ms against 180-189 ms. The full-size LM: a
-    620-token prefill 32.0 -> 17.8 s; an image decode step of 8 rows 1067-1109 -> 514-560 ms
-    (bench/decode_bench.py, with and without --paddle-matmul). At 2 rows both take the same.
+    Why: Paddle 3.3's CPU matmul streams the weights at a third to a half of OpenBLAS's
+    speed. Measured on the 2-core dev box, [rows x 2048] @ [2048 x 11264] (one Janus-1.3B
+    gate/up projection, 92 MB): 1 row 4.8 ms in Paddle against 2.8 ms in numpy, 8 rows
+    16.7-22.4 against 6.2-7.4 ms, 620 rows 510-620 against 180-189 ms. OpenBLAS's GEMM is
+    slow at 2 rows (7.4-7.7 ms), so 1 and 2 rows take one GEMV per row (2.8 ms each). The
+    full-size LM (bench/decode_bench.py and its --paddle-matmul): a 620-token prefill 32.0 ->
+    17.8 s; an image decode step of 8 rows 1067-1109 -> 514-560 ms, of 1 row 308-335 ->
+    229-306 ms, of 2 rows 394-443 -> 386-449 ms.
     """
     weight = layer.weight
     if (CPU_NUMPY_LINEAR and cpu_float32(x) and math.prod(x.shape[:-1]) >= NUMPY_LINEAR_MIN_ROWS
             and weight.shape[0] * weight.shape[1] >= NUMPY_LINEAR_MIN_WEIGHTS):
-        rows = x.numpy().reshape(-1, x.shape[-1])  # 2-D: one GEMM, not one GEMV per leading index
+        rows = x.numpy().reshape(-1, x.shape[-1])  # [rows, in]: one GEMM for all leading indices
+        w = np.from_dlpack(weight.detach())
         with cpu_blas.gemm():
-            out = rows @ np.from_dlpack(weight.detach())
+            out = np.stack([row @ w for row in rows]) if len(rows) <= NUMPY_LINEAR_GEMV_ROWS else rows @ w
         if layer.bias is not None:
             out += np.from_dlpack(layer.bias.detach())
         return paddle.to_tensor(out.reshape(*x.shape[:-1], out.shape[-1]))

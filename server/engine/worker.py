@@ -151,8 +151,8 @@ def limit_blas_threads() -> None:
     Paddle's OpenMP threads keep spinning for a while after each op; a second pool of BLAS
     threads then fights them for the same cores. Measured on the 2-core dev box, janus-tiny
     understanding prefill (SigLIP + 620-token prompt): 46-170 ms with both pools, 27-32 ms so.
-    The large products (Janus-1.3B's projections over 3 or more rows) take the cores the loop
-    may use, which share_cores keeps up to date.
+    The large products (llama.linear: Janus-1.3B's projections and heads) take the cores the
+    loop may use, which share_cores keeps up to date.
     """
     from model import cpu_blas
     from model.cpu_engine import cpu_threads
