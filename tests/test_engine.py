@@ -317,6 +317,17 @@ def test_worker_exits_when_the_api_process_is_killed(tmp_path):
             os.kill(worker, signal.SIGKILL)
 
 
+def test_worker_ignores_ctrl_c_and_sigterm(loop, engine):
+    """SIGINT (a Ctrl-C reaches the whole process group) and SIGTERM leave the worker serving; the API
+    process stops it (the engine fixture checks that nothing is left behind)."""
+    pid = worker_pids(engine)[0]
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    result = loop.run(engine.understand(understand_request(3, max_new_tokens=4)))
+    assert result.finish_reason in ("stop", "length")
+    assert worker_pids(engine) == [pid] and engine.stats().worker_restarts_total == 0
+
+
 def test_request_timeout(loop, tmp_path):
     engine = start_engine(loop, tmp_path, request_timeout=0.5)
     try:

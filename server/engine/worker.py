@@ -106,6 +106,7 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
     try:
         import paddle
 
+        ignore_stop_signals()  # after Paddle's import, which installs its own SIGTERM handler
         from model.generation import DecodeBatch
         from model.llama import numpy_attention
 
@@ -143,6 +144,23 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
     prefill_thread = forward_hidden is None and numpy_attention(batch.cache.k[0])
     Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder, vision=vision,
               prefill_thread=prefill_thread).run()
+
+
+def ignore_stop_signals() -> None:
+    """SIGINT and SIGTERM are for the API process, which stops its workers itself.
+
+    A Ctrl-C in the terminal reaches the whole process group: the worker used to die with a
+    KeyboardInterrupt while the API process was still letting running requests finish. A
+    SIGTERM to every process (systemd's control-group stop) would do the same; and Paddle's
+    own SIGTERM handler is not async-signal-safe (seen here: it deadlocked in malloc, called
+    from the handler while the interrupted thread held malloc's lock). The API process stops
+    a worker with a "stop" message, then SIGKILL; a worker whose API process died exits on
+    its own (Scheduler.orphaned).
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def limit_blas_threads() -> None:
