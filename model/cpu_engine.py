@@ -411,6 +411,27 @@ class _VQPart(nn.Layer):
         return self.decoder(self.post_quant_conv(z))
 
 
+class CompiledCopies:
+    """An OpenVINO model compiled for the CPU in float32 on `threads` threads and, with
+    `single_thread_copy`, also on one (its own copy of the weights), for when decode steps
+    run on the other cores. Used by CpuVQDecoder and model/cpu_vision.CpuVisionEncoder."""
+
+    def __init__(self, graph, threads: int, single_thread_copy: bool):
+        import openvino
+
+        core = openvino.Core()
+        self.threads = threads
+        counts = sorted({threads, 1} if single_thread_copy else {threads})
+        self.requests = {n: core.compile_model(graph, "CPU", {
+            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": n,
+            "PERFORMANCE_HINT": "LATENCY"}).create_infer_request() for n in counts}
+
+    def infer(self, inputs: dict, *, single_thread: bool = False):
+        """The outputs of one run, on the one-thread copy if `single_thread` and it was built."""
+        request = self.requests[1] if single_thread and 1 in self.requests else self.requests[self.threads]
+        return request.infer(inputs)
+
+
 def openvino_runtime_available() -> bool:
     """The `openvino` Python package (its infer() releases the GIL, unlike Paddle Inference's run())."""
     import importlib.util
@@ -464,12 +485,8 @@ class CpuVQDecoder:
             part = _VQPart(self.vq, self.side)
             with _layout_free_group_norms(part) if layout_free_norms else contextlib.nullcontext():
                 path = _export(part, part.input_spec("vq"), os.path.join(root, "vq"))
-            core = openvino.Core()
-            graph = core.read_model(path + ".pdmodel")
-            counts = sorted({self.threads, 1} if single_thread_copy else {self.threads})
-            self.requests = {n: core.compile_model(graph, "CPU", {
-                "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": n,
-                "PERFORMANCE_HINT": "LATENCY"}).create_infer_request() for n in counts}
+            self.program = CompiledCopies(openvino.Core().read_model(path + ".pdmodel"), self.threads,
+                                          single_thread_copy)
         finally:
             shutil.rmtree(root, ignore_errors=True)  # compiled: the weights live in OpenVINO now
         self.build_seconds = time.perf_counter() - started
@@ -487,8 +504,7 @@ class CpuVQDecoder:
     def decode(self, codes, *, single_thread: bool = False) -> np.ndarray:
         """`single_thread`: use the one-thread copy (if built), leaving the other cores to the decode loop."""
         z = np.ascontiguousarray(self.latent(codes), dtype=np.float32)
-        request = self.requests[1] if single_thread and 1 in self.requests else self.requests[self.threads]
-        pixels = np.array(request.infer({0: z})[0], dtype=np.float32, copy=True)
+        pixels = np.array(self.program.infer({0: z}, single_thread=single_thread)[0], dtype=np.float32, copy=True)
         size = self.side * 2 ** (len(self.vq.config.ch_mult) - 1)
         if pixels.shape != (z.shape[0], 3, size, size):
             raise RuntimeError(f"VQ decoder output {list(pixels.shape)} for {z.shape[0]} images")

@@ -8,8 +8,8 @@ whole encoder in one infer() call that releases the GIL, and it is faster. Measu
 on 1): janus-tiny 12.9 / 2.6 / 4.8 ms; Janus-1.3B's SigLIP-L (random weights) 4.6 / 2.6 /
 5.0 s (eager was 10.2 s before llama.linear sent its projections to numpy's BLAS).
 
-The graph is built with OpenVINO's own operations from the eager model's parameters
-(copied once), following model/siglip.py and janus.MlpProjector step by step: patch
+The graph is built with OpenVINO's own operations on the eager model's parameters
+(zero-copy views; OpenVINO repacks what it needs when compiling), following model/siglip.py and janus.MlpProjector step by step: patch
 convolution, position embeddings, pre-norm blocks (LayerNorm, attention, LayerNorm,
 exact-erf GELU MLP), final LayerNorm, then the aligner (Linear, GELU, Linear, ...).
 Not via Paddle's program export: Paddle 3.3's F.gelu has no old-IR form, and the
@@ -28,8 +28,7 @@ import time
 import numpy as np
 import paddle
 
-from .cpu_engine import EngineUnavailable, cpu_threads, openvino_runtime_available
-from .siglip import LAYER_NORM_EPS
+from .cpu_engine import CompiledCopies, EngineUnavailable, cpu_threads, openvino_runtime_available
 
 
 def _array(param) -> np.ndarray:
@@ -55,18 +54,12 @@ class CpuVisionEncoder:
         vision, aligner = model.vision_model, model.aligner
         if vision.pos_embed.dtype != paddle.float32:
             raise ValueError("CpuVisionEncoder is float32 only; the model is " + str(vision.pos_embed.dtype))
-        import openvino
-
         started = time.perf_counter()
         self.config = vision.config
         self.threads = threads or cpu_threads()
         self._shared: list[np.ndarray] = []  # the eager memory the graph's constants point into
         graph = self._graph(vision, aligner, self._shared)
-        core = openvino.Core()
-        counts = sorted({self.threads, 1} if single_thread_copy else {self.threads})
-        self.requests = {n: core.compile_model(graph, "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": n,
-            "PERFORMANCE_HINT": "LATENCY"}).create_infer_request() for n in counts}
+        self.program = CompiledCopies(graph, self.threads, single_thread_copy)
         self.hidden = int(graph.output(0).get_partial_shape()[2].get_length())
         self.build_seconds = time.perf_counter() - started
 
@@ -134,8 +127,8 @@ class CpuVisionEncoder:
         size = self.config.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
             raise ValueError(f"pixel_values must be [N, 3, {size}, {size}], got shape {list(pixels.shape)}")
-        request = self.requests[1] if single_thread and 1 in self.requests else self.requests[self.threads]
-        features = np.array(request.infer({0: pixels})[0], dtype=np.float32, copy=True)
+        features = np.array(self.program.infer({0: pixels}, single_thread=single_thread)[0], dtype=np.float32,
+                            copy=True)
         tokens = self.config.num_patches
         if features.shape != (pixels.shape[0], tokens, self.hidden):
             raise RuntimeError(f"vision encoder output {list(features.shape)} for {pixels.shape[0]} images")
