@@ -277,7 +277,6 @@ class LlamaForCausalLM(nn.Layer):
 
 
 CPU_NUMPY_LINEAR = True
-NUMPY_LINEAR_MIN_ROWS = 1
 NUMPY_LINEAR_MIN_WEIGHTS = 1 << 20  # smaller products stay in Paddle: not worth the round trip
 NUMPY_LINEAR_GEMV_ROWS = 2  # up to this many rows, one GEMV per row (OpenBLAS's GEMM is slow there)
 
@@ -295,7 +294,7 @@ def linear(layer: nn.Linear, x: paddle.Tensor) -> paddle.Tensor:
     229-306 ms, of 2 rows 394-443 -> 386-449 ms.
     """
     weight = layer.weight
-    if (CPU_NUMPY_LINEAR and cpu_float32(x) and math.prod(x.shape[:-1]) >= NUMPY_LINEAR_MIN_ROWS
+    if (CPU_NUMPY_LINEAR and cpu_float32(x) and math.prod(x.shape[:-1]) > 0  # an empty input stays in Paddle
             and weight.shape[0] * weight.shape[1] >= NUMPY_LINEAR_MIN_WEIGHTS):
         rows = x.numpy().reshape(-1, x.shape[-1])  # [rows, in]: one GEMM for all leading indices
         w = np.from_dlpack(weight.detach())

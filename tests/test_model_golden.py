@@ -70,7 +70,6 @@ def linear_path(request, monkeypatch):
     if request.param == "paddle":
         monkeypatch.setattr(llama, "CPU_NUMPY_LINEAR", False)
     else:
-        monkeypatch.setattr(llama, "NUMPY_LINEAR_MIN_ROWS", 1)
         monkeypatch.setattr(llama, "NUMPY_LINEAR_MIN_WEIGHTS", 0)
         real = llama.cpu_blas.gemm
 
