@@ -224,10 +224,12 @@ def test_full_queue_answers_overloaded_at_once(loop, tmp_path):
     engine = start_engine(loop, tmp_path, max_batch_rows=1, max_queue=2)
     try:
         async def scenario():
-            running = [asyncio.create_task(engine.understand(understand_request(i, max_new_tokens=400)))
+            running = [asyncio.create_task(engine.understand(understand_request(i, max_new_tokens=1500)))
                        for i in range(3)]
             # Each request is preprocessed off the loop before it is queued, so wait
-            # for all three to be in: one running, two waiting.
+            # for all three to be in: one running, two waiting. The requests are long
+            # (seconds each) so that the first is still running when the third is queued;
+            # at 400 tokens a loaded CI machine once finished two before the check saw it.
             deadline = time.monotonic() + 30
             while not (engine.stats().running_requests == 1 and engine.stats().queue_length == 2):
                 assert time.monotonic() < deadline, engine.stats()
