@@ -147,7 +147,7 @@ async def start_engine(args, no_batching: bool) -> EngineClient:
                           max_batch_rows=args.max_batch_rows, max_cache_tokens=args.max_cache_tokens,
                           max_queue=10_000, max_running_requests=1 if no_batching else 0,
                           cpu_engine=args.cpu_engine, cpu_vq=args.cpu_vq,
-                          cpu_vision=args.cpu_vision, threads=args.threads)
+                          cpu_vision=args.cpu_vision, cpu_prefill=args.cpu_prefill, threads=args.threads)
     engine = EngineClient(config)
     await engine.start()
     await engine.wait_ready(timeout=1800)
@@ -182,6 +182,8 @@ async def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: all cores)")
     parser.add_argument("--cpu-engine", default="eager", choices=["eager", "openvino"], help="CPU decode path")
     parser.add_argument("--cpu-vq", default="auto", choices=["auto", "eager", "openvino"], help="CPU VQ decoder")
+    parser.add_argument("--cpu-prefill", default="auto", choices=["auto", "process", "thread"],
+                        help="CPU understanding prefills")
     parser.add_argument("--cpu-vision", default="auto", choices=["auto", "eager", "openvino"],
                         help="CPU image encoder")
     parser.add_argument("--no-baseline", action="store_true", help="skip the one-request-at-a-time run")

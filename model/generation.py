@@ -149,14 +149,15 @@ class StepEvent:
 class DecodeBatch:
     """All running sequences of one model, sharing one preallocated KV cache."""
 
-    def __init__(self, model, *, slots: int, max_len: int, forward_hidden=None, encode_images=None):
+    def __init__(self, model, *, slots: int, max_len: int, forward_hidden=None, encode_images=None,
+                 allocate=None):
         """`forward_hidden`, `encode_images`: other implementations of the model's methods of those names
-        (model.cpu_engine's, model.cpu_vision's)."""
+        (model.cpu_engine's, model.cpu_vision's); `allocate`: the cache's buffers (KVCache)."""
         self.model = model
         self.forward_hidden = forward_hidden or model.forward_hidden
         self.encode_images = encode_images or model.encode_images
         self.max_len = max_len
-        self.cache = model.new_cache(slots, max_len)
+        self.cache = model.new_cache(slots, max_len, allocate=allocate)
         self.pool = SlotPool(slots)
         self.sequences: dict[Any, TextSequence | ImageSequence] = {}
 

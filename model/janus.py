@@ -112,8 +112,8 @@ class JanusModel(nn.Layer):
         """[B] or [B, T] image-token codes -> [B, (T,) hidden]: gen_aligner(gen_embed(codes))."""
         return self.gen_aligner(self.gen_embed(_tensor(codes, "int64")))
 
-    def new_cache(self, slots: int, max_len: int, block_size: int = 64) -> KVCache:
-        return self.language_model.model.new_cache(slots, max_len, block_size=block_size)
+    def new_cache(self, slots: int, max_len: int, block_size: int = 64, allocate=None) -> KVCache:
+        return self.language_model.model.new_cache(slots, max_len, block_size=block_size, allocate=allocate)
 
     @paddle.no_grad()
     def forward_hidden(self, embeds, cache: KVCache, slots, start) -> paddle.Tensor:

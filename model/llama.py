@@ -33,7 +33,9 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int, head_dim: int,
-                 dtype: str = "float32", block_size: int = 64):
+                 dtype: str = "float32", block_size: int = 64, allocate=None):
+        """`allocate(shape, dtype)`: where the buffers live, as zeroed numpy arrays (on CPU; for example in
+        shared memory, so that another process can write rows: server/engine/prefill.py)."""
         if num_slots < 1 or max_len < 1:
             raise ValueError(f"a KV cache needs at least one slot and one position, got {num_slots} x {max_len}")
         self.num_slots = num_slots
@@ -42,8 +44,13 @@ class KVCache:
         self.num_blocks = math.ceil(max_len / self.block_size)
         shape = [self.num_blocks, num_slots, kv_heads, self.block_size, head_dim]
         # Zeros, not empty: masked-out stale entries must be finite so that 0 * value stays 0.
-        self.k = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.v = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        if allocate is None:
+            self.k = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+            self.v = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        else:
+            from_dlpack = paddle.utils.dlpack.from_dlpack
+            self.k = [from_dlpack(allocate(shape, dtype)) for _ in range(num_layers)]
+            self.v = [from_dlpack(allocate(shape, dtype)) for _ in range(num_layers)]
 
     @property
     def nbytes(self) -> int:
@@ -210,10 +217,12 @@ class LlamaModel(nn.Layer):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.inv_freq = rotary_inv_freq(config.head_dim, config.rope_theta)
 
-    def new_cache(self, num_slots: int, max_len: int, dtype: str | None = None, block_size: int = 64) -> KVCache:
+    def new_cache(self, num_slots: int, max_len: int, dtype: str | None = None, block_size: int = 64,
+                  allocate=None) -> KVCache:
         c = self.config
         dtype = dtype or str(self.embed_tokens.weight.dtype).replace("paddle.", "")
-        return KVCache(c.num_hidden_layers, num_slots, max_len, c.num_key_value_heads, c.head_dim, dtype, block_size)
+        return KVCache(c.num_hidden_layers, num_slots, max_len, c.num_key_value_heads, c.head_dim, dtype, block_size,
+                       allocate=allocate)
 
     def forward(self, embeds: paddle.Tensor, cache: KVCache, slots, start) -> paddle.Tensor:
         """Run `embeds` [B, T, H] at positions start[b].. of cache rows slots[b]; returns the final-normed hidden."""

@@ -49,6 +49,30 @@ def worker_pids(engine: EngineClient) -> list[int]:
     return [w.process.pid for w in engine._workers if w.process is not None]
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (a worker's prefill process)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def engine_pids(engine: EngineClient) -> list[int]:
+    """Every process the engine started: its workers and their prefill processes."""
+    pids = worker_pids(engine)
+    return pids + [child for pid in pids for child in children(pid)]
+
+
+def wait_gone(pids, what: str, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while any(pid_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"{what} left a process behind"
+        time.sleep(0.05)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -83,9 +107,10 @@ def loop():
 def engine(loop, tmp_path_factory):
     engine = start_engine(loop, tmp_path_factory.mktemp("home"), max_batch_rows=24, max_cache_tokens=24 * 1024)
     yield engine
-    pids = worker_pids(engine)
+    pids = engine_pids(engine)
+    assert len(pids) == 2  # janus-tiny prefills in a process of its own
     loop.run(engine.stop())
-    assert not any(pid_alive(pid) for pid in pids), "engine shutdown left a worker process behind"
+    wait_gone(pids, "engine shutdown", seconds=1)
 
 
 def mixed_requests():
@@ -262,19 +287,22 @@ def test_killed_worker_fails_running_requests_and_serves_waiting_ones(loop, tmp_
                 assert time.monotonic() < deadline, engine.stats()
                 await asyncio.sleep(0.01)
             old = worker_pids(engine)[0]
+            old_children = children(old)
             os.kill(old, signal.SIGKILL)
             failed = await asyncio.gather(*running, return_exceptions=True)
             served = await asyncio.gather(*waiting)
-            return old, failed, served
+            return old, old_children, failed, served
 
-        old, failed, served = loop.run(scenario())
+        old, old_children, failed, served = loop.run(scenario())
+        assert len(old_children) == 1
+        wait_gone(old_children, "a killed worker")  # its prefill process reads EOF and exits
         assert all(isinstance(f, WorkerRestartedError) for f in failed)
         assert all(r.finish_reason in ("stop", "length") for r in served)
         assert worker_pids(engine)[0] != old and engine.stats().worker_restarts_total == 1
     finally:
-        pids = worker_pids(engine)
+        pids = engine_pids(engine)
         loop.run(engine.stop())
-        assert not any(pid_alive(pid) for pid in pids)
+        wait_gone(pids, "engine shutdown", seconds=1)
 
 
 API_PROCESS = """
@@ -306,12 +334,11 @@ def test_worker_exits_when_the_api_process_is_killed(tmp_path):
     try:
         worker = int(api.stdout.readline())
         assert pid_alive(worker)
+        prefill = children(worker)
+        assert len(prefill) == 1
         api.kill()
         api.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while pid_alive(worker):
-            assert time.monotonic() < deadline, "the worker outlived its API process"
-            time.sleep(0.1)
+        wait_gone([worker, *prefill], "a killed API process")
     finally:
         api.kill()
         api.wait(timeout=10)
@@ -328,6 +355,68 @@ def test_worker_ignores_ctrl_c_and_sigterm(loop, engine):
     result = loop.run(engine.understand(understand_request(3, max_new_tokens=4)))
     assert result.finish_reason in ("stop", "length")
     assert worker_pids(engine) == [pid] and engine.stats().worker_restarts_total == 0
+
+
+def test_prefill_process_serves_what_the_prefill_thread_serves(loop, engine, tmp_path):
+    """janus-tiny prefills understanding prompts in a child process writing the shared KV cache ("auto");
+    the worker's own prefill thread gives the same tokens, greedy and sampled, with and without an image."""
+    requests = [understand_request(i, max_new_tokens=16, temperature=0.9, seed=i) for i in range(3)]
+    requests.append(understand_request(7, max_new_tokens=16))
+    requests.append(UnderstandRequest(messages=[{"role": "user", "content": "Say something."}], max_new_tokens=16))
+
+    async def run_all(client):
+        return await asyncio.gather(*(client.understand(r) for r in requests))
+
+    fast = loop.run(run_all(engine))
+    assert "prefill process" in engine._workers[0].programs
+    threaded = start_engine(loop, tmp_path, cpu_prefill="thread")
+    try:
+        assert "prefill process" not in threaded._workers[0].programs
+        assert children(worker_pids(threaded)[0]) == []
+        slow = loop.run(run_all(threaded))
+    finally:
+        loop.run(threaded.stop())
+    assert [outcome(r) for r in fast] == [outcome(r) for r in slow]
+
+
+def test_killed_prefill_process_restarts_its_worker(loop, tmp_path):
+    """A prefill process that dies takes its worker down with it; the client starts both again."""
+    engine = start_engine(loop, tmp_path)
+    try:
+        worker = worker_pids(engine)[0]
+        (prefill,) = children(worker)
+        os.kill(prefill, signal.SIGKILL)
+        deadline = time.monotonic() + 30  # noticed within a second, with no request needed to find out
+        while engine.stats().worker_restarts_total == 0:
+            assert time.monotonic() < deadline, "the worker did not notice its prefill process died"
+            time.sleep(0.05)
+        wait_gone([worker], "a dead prefill process")
+        loop.run(engine.wait_ready(timeout=120))
+        result = loop.run(engine.understand(understand_request(4, max_new_tokens=4)))
+        assert result.finish_reason in ("stop", "length")
+        assert engine.stats().worker_restarts_total == 1 and len(children(worker_pids(engine)[0])) == 1
+    finally:
+        pids = engine_pids(engine)
+        loop.run(engine.stop())
+        wait_gone(pids, "engine shutdown", seconds=1)
+
+
+def test_prefill_process_only_for_small_cpu_models():
+    from types import SimpleNamespace
+
+    from server.engine.worker import PREFILL_PROCESS_MAX_BYTES, WorkerConfig, prefill_in_process
+
+    def model(nbytes):
+        return SimpleNamespace(parameters=lambda: [SimpleNamespace(numel=lambda: nbytes // 4, element_size=lambda: 4)])
+
+    def config(choice):
+        return WorkerConfig(model_path="", device="cpu", dtype="float32", max_batch_rows=4, max_cache_tokens=64,
+                            cpu_prefill=choice)
+
+    assert prefill_in_process(config("auto"), model(PREFILL_PROCESS_MAX_BYTES))
+    assert not prefill_in_process(config("auto"), model(2 * PREFILL_PROCESS_MAX_BYTES))
+    assert prefill_in_process(config("process"), model(2 * PREFILL_PROCESS_MAX_BYTES))
+    assert not prefill_in_process(config("thread"), model(1))
 
 
 def test_request_timeout(loop, tmp_path):
@@ -381,10 +470,10 @@ def test_openvino_image_encoder_gives_eager_understanding(loop, engine, tmp_path
         return await asyncio.gather(*(client.understand(r) for r in requests))
 
     fast = loop.run(run_all(engine))
-    assert "image encoder" in engine._workers[0].programs
+    assert "image encoder (prefill process)" in engine._workers[0].programs
     eager = start_engine(loop, tmp_path, cpu_vision="eager")
     try:
-        assert "image encoder" not in eager._workers[0].programs
+        assert not [p for p in eager._workers[0].programs if p.startswith("image encoder")]
         slow = loop.run(run_all(eager))
     finally:
         loop.run(eager.stop())

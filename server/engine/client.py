@@ -155,7 +155,8 @@ class EngineClient:
             model_path=str(self._model_path), device=worker.device, dtype=self.config.dtype,
             max_batch_rows=self.config.max_batch_rows, max_cache_tokens=self.config.max_cache_tokens,
             max_running_requests=self.config.max_running_requests, cpu_engine=self.config.cpu_engine,
-            cpu_vq=self.config.cpu_vq, cpu_vision=self.config.cpu_vision, threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
+            cpu_vq=self.config.cpu_vq, cpu_vision=self.config.cpu_vision,
+            cpu_prefill=self.config.cpu_prefill, threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
 
     def _spawn(self, worker: WorkerHandle) -> None:
         worker.inbox = self._ctx.Queue()

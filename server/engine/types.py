@@ -205,3 +205,4 @@ class EngineConfig:
     cpu_engine: str = "eager"  # "openvino": decode steps on CPU through Paddle Inference + OpenVINO (float32)
     cpu_vq: str = "auto"  # CPU VQ decoder: "openvino" (in a thread beside the decode loop), "eager", "auto"
     cpu_vision: str = "auto"  # CPU image encoder (SigLIP + aligner): "openvino", "eager", "auto"
+    cpu_prefill: str = "auto"  # CPU understanding prefills: "process", "thread", "auto" (process for small models)

@@ -14,7 +14,9 @@ Finished image codes are VQ-decoded inline (GPU, or eager on CPU), or on CPU by 
 thread running the OpenVINO VQ decoder, which releases the GIL: the loop keeps
 stepping the other rows meanwhile, and the thread posts its own "events" messages.
 On CPU, understanding prompts are prefilled by another thread in the same way, into
-cache rows reserved for them, and join the batch at the next step once done.
+cache rows reserved for them, and join the batch at the next step once done. For a
+small model that thread hands each prompt to a child process (server/engine/prefill.py),
+which writes the same rows through shared memory and holds no GIL of the worker's.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ import threading
 import time
 import traceback
 from typing import Any
+
+from server.engine.prefill import PrefillProcessDied
 
 log = logging.getLogger("janus.worker")
 
@@ -43,6 +47,7 @@ class WorkerConfig:
     cpu_engine: str = "eager"
     cpu_vq: str = "auto"
     cpu_vision: str = "auto"
+    cpu_prefill: str = "auto"  # "thread", "process" or "auto" (server/engine/prefill.py)
     threads: int | None = None
     eos_id: int = 0
     pad_id: int = 0
@@ -124,12 +129,25 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
             from model.cpu_engine import CpuDecodeEngine
 
             forward_hidden = CpuDecodeEngine(model).forward_hidden
-        batch = DecodeBatch(model, slots=config.max_batch_rows, max_len=row_len, forward_hidden=forward_hidden)
+        # The prefill thread writes its rows of the cache through numpy views (llama.numpy_attention);
+        # the OpenVINO engine takes one caller.
+        prefill_thread = forward_hidden is None and device == "cpu" and numpy_attention(model.language_model.lm_head.weight)
+        prefiller = None
+        if prefill_thread and prefill_in_process(config, model):
+            from server.engine.prefill import PrefillProcess, SharedBuffers
+
+            buffers = SharedBuffers()
+            batch = DecodeBatch(model, slots=config.max_batch_rows, max_len=row_len, allocate=buffers.allocate)
+            prefiller = PrefillProcess(config, buffers, slots=config.max_batch_rows, row_length=row_len)
+        else:
+            batch = DecodeBatch(model, slots=config.max_batch_rows, max_len=row_len, forward_hidden=forward_hidden)
         from model.cpu_engine import CpuVQDecoder
         from model.cpu_vision import CpuVisionEncoder
 
-        vision = make_cpu_program("image encoder", device, config.cpu_vision,
-                                  lambda: CpuVisionEncoder(model, single_thread_copy=True))
+        vision = None
+        if prefiller is None:  # else the prefill process encodes every image
+            vision = make_cpu_program("image encoder", device, config.cpu_vision,
+                                      lambda: CpuVisionEncoder(model, single_thread_copy=True))
         vq_decoder = make_cpu_program("VQ decoder", device, config.cpu_vq,
                                       lambda: CpuVQDecoder(model, single_thread_copy=True))
     except Exception as error:  # noqa: BLE001 - the parent reports it and stops retrying
@@ -137,13 +155,34 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         return
     programs = [name for name, program in (("decode engine", forward_hidden), ("image encoder", vision),
                                            ("VQ decoder", vq_decoder)) if program is not None]
+    if prefiller is not None:
+        programs += ["prefill process"] + [f"{name} (prefill process)" for name in prefiller.programs]
     outbox.put(("ready", {"device": device, "row_length": row_len, "rows": config.max_batch_rows,
                           "pid": os.getpid(), "programs": programs}))
-    # The thread writes its rows of the cache through numpy views (llama.numpy_attention); the OpenVINO
-    # engine takes one caller.
-    prefill_thread = forward_hidden is None and numpy_attention(batch.cache.k[0])
-    Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder, vision=vision,
-              prefill_thread=prefill_thread).run()
+    try:
+        Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder, vision=vision,
+                  prefill_thread=prefill_thread, prefiller=prefiller).run()
+    finally:
+        if prefiller is not None:
+            prefiller.close()
+
+
+# Models up to this many bytes of parameters prefill in a process of their own (--cpu-prefill auto).
+PREFILL_PROCESS_MAX_BYTES = 1 << 30
+
+
+def prefill_in_process(config: WorkerConfig, model) -> bool:
+    """Whether understanding prefills run in a child process (server/engine/prefill.py) rather than
+    the worker's prefill thread.
+
+    The child holds a second copy of the model, and it gains only where the GIL is what the two
+    threads share: small models, whose ops cost less than their dispatch. A large model's ops
+    release the GIL for most of their time (Janus-1.3B, 7 GB in float32), so "auto" keeps those
+    in the thread."""
+    if config.cpu_prefill != "auto":
+        return config.cpu_prefill == "process"
+    nbytes = sum(int(p.numel()) * p.element_size() for p in model.parameters())
+    return nbytes <= PREFILL_PROCESS_MAX_BYTES
 
 
 def ignore_stop_signals() -> None:
@@ -202,7 +241,7 @@ class Scheduler:
     """Admission and stepping for one worker; FIFO admission, every admitted row steps together."""
 
     def __init__(self, model, batch, config: WorkerConfig, inbox, outbox, *, vq_decoder=None, vision=None,
-                 prefill_thread: bool = False):
+                 prefill_thread: bool = False, prefiller=None):
         self.model = model
         self.batch = batch
         self.config = config
@@ -233,7 +272,11 @@ class Scheduler:
         # of tokens) are run by a thread into rows reserved for them, while the loop keeps stepping
         # the running rows; each joins the batch at the first step after its prefill. Paddle's kernels
         # release the GIL, so the two run on different cores.
+        # With `prefiller` (server/engine/prefill.py), the thread hands each prompt to a child process
+        # and waits: the loop then shares neither the GIL nor Paddle's thread count with the prefill.
         self.prefill_thread = prefill_thread
+        self.prefiller = prefiller
+        self.prefiller_died: BaseException | None = None
         self.prefilling: dict[str, Prefilling] = {}  # in the thread or done, not yet joined
         self.prefill_jobs: queue.Queue = queue.Queue()
         self.prefill_done: queue.Queue = queue.Queue()
@@ -249,10 +292,12 @@ class Scheduler:
             idle = not self.running and not self.pending and not self.prefilling
             if not self.take_messages(block=idle):
                 return
-            if self.orphaned():
+            if self.checked_now() and self.orphaned():
                 log.warning("the API process is gone; worker %d exits", os.getpid())
                 self.outbox.cancel_join_thread()  # nobody reads it any more
                 return
+            if self.prefiller_died is not None:  # the client restarts the worker, and with it the child
+                raise RuntimeError("the prefill process died; the worker exits to be restarted") from self.prefiller_died
             self.join_prefilled(wait=not self.running and bool(self.prefilling))
             self.admit()
             self.share_cores()  # after admit: a prompt it hands to the prefill thread counts at once
@@ -260,15 +305,21 @@ class Scheduler:
                 self.step()
             self.flush()
 
-    def orphaned(self) -> bool:
-        """Whether the API process that started this worker has died (checked at most once a second).
-
-        A killed API process (SIGKILL, OOM killer) cannot stop its workers; without this they
-        would hold the model's memory and the device forever."""
+    def checked_now(self) -> bool:
+        """Whether it is time for the checks of the processes around the worker (at most once a second)."""
         now = time.monotonic()
         if now - self.parent_checked < 1.0:
             return False
         self.parent_checked = now
+        if self.prefiller is not None and self.prefiller_died is None and not self.prefiller.alive():
+            self.prefiller_died = PrefillProcessDied("the prefill process exited")
+        return True
+
+    def orphaned(self) -> bool:
+        """Whether the API process that started this worker has died.
+
+        A killed API process (SIGKILL, OOM killer) cannot stop its workers; without this they
+        would hold the model's memory and the device forever."""
         return self.parent is not None and not self.parent.is_alive()
 
     def take_messages(self, *, block: bool) -> bool:
@@ -353,13 +404,24 @@ class Scheduler:
         while True:  # on the threads share_cores sets: the setting is the process's
             job = self.prefill_jobs.get()
             if not job.cancelled:
+                payload = job.payload
+                inputs = {"image_mask": payload["image_mask"], "pixel_values": payload["pixel_values"]}
                 try:
-                    payload = job.payload
-                    job.logits = self.batch.prefill_text(job.slot, payload["input_ids"], image_mask=payload["image_mask"],
-                                                         pixel_values=payload["pixel_values"])
+                    if self.prefiller is not None:
+                        job.logits = self.prefiller.prefill(job.slot, payload["input_ids"], **inputs,
+                                                            threads=self.prefill_threads())
+                    else:
+                        job.logits = self.batch.prefill_text(job.slot, payload["input_ids"], **inputs)
                 except Exception as error:  # noqa: BLE001 - this request fails alone
                     job.error = error
+                    if isinstance(error, PrefillProcessDied):
+                        self.prefiller_died = error
             self.prefill_done.put(job)
+
+    def prefill_threads(self) -> int:
+        """Cores for the prefill process: those the loop and the VQ thread leave it."""
+        free = max(1, self.cores - self.vq_cores)
+        return max(1, free // 2) if self.running else free
 
     def encode_images(self, pixels):
         """The vision program, on one core while the prefill thread runs beside stepping rows, else on all

@@ -1,0 +1,181 @@
+"""Understanding prefills in a process of their own, writing into the worker's KV cache (CPU).
+
+The worker's prefill thread (server/engine/worker.py) overlaps a prompt's prefill with the
+decode steps of the running rows, but both hold the GIL for every Paddle op they dispatch.
+On a small model, where an op costs less than its dispatch, the two threads mostly wait for
+each other: a janus-tiny 8-row step took 2.5 ms alone and 4.2-4.8 ms beside the thread. So
+the prefill runs in a child process of the worker, with the model loaded a second time. The
+KV cache lives in shared memory (one memfd per buffer, handed to the child at its start), so
+the child writes the prompt's keys and values straight into the row reserved for it; only the
+last position's logits come back. The prefill thread stays: it hands a job to the child and
+waits, without the GIL, for the answer.
+
+The child exits when the worker's end of the socket closes (the worker stopped or died); a
+child that dies makes the worker exit, and the engine client restarts the worker.
+
+Messages to the child:  the setup dict, then (slot, input_ids, image_mask, pixel_values, threads)
+Messages from it:      ("ready", programs) | ("fatal", message), then ("ok", logits) | ("error", exception)
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+
+
+class SharedBuffers:
+    """Zeroed numpy arrays, each in a memfd of its own, which a child process can map too."""
+
+    def __init__(self):
+        self.specs: list[tuple[int, tuple[int, ...], str]] = []  # (fd, shape, dtype) per buffer
+        self.arrays: list[np.ndarray] = []
+
+    def allocate(self, shape, dtype: str) -> np.ndarray:
+        shape = tuple(int(n) for n in shape)
+        fd = os.memfd_create("janus-kv-cache")
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        os.ftruncate(fd, max(nbytes, 1))
+        array = np.frombuffer(mmap.mmap(fd, max(nbytes, 1)), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        self.specs.append((fd, shape, dtype))
+        self.arrays.append(array)
+        return array
+
+    @property
+    def fds(self) -> list[int]:
+        return [fd for fd, _, _ in self.specs]
+
+    def close_fds(self) -> None:
+        """The mappings stay; the descriptors are only needed until the child has mapped them."""
+        for fd in self.fds:
+            os.close(fd)
+        self.specs = [(-1, shape, dtype) for _, shape, dtype in self.specs]
+
+
+def attach(specs) -> list[np.ndarray]:
+    """The child's views of the parent's buffers (descriptors inherited at the same numbers)."""
+    arrays = []
+    for fd, shape, dtype in specs:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        arrays.append(np.frombuffer(mmap.mmap(fd, max(nbytes, 1)), dtype=dtype, count=int(np.prod(shape))).reshape(shape))
+        os.close(fd)
+    return arrays
+
+
+class PrefillProcess:
+    """The worker's handle on its prefill child: start it, run prompts through it, stop it."""
+
+    def __init__(self, config, buffers: SharedBuffers, *, slots: int, row_length: int):
+        ours, theirs = socket.socketpair()
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from server.engine.prefill import main; main()", str(theirs.fileno())],
+            pass_fds=[theirs.fileno(), *buffers.fds], env=env, stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.conn.send({"config": config, "buffers": buffers.specs, "slots": slots, "row_length": row_length})
+        buffers.close_fds()
+        try:
+            reply = self.conn.recv()
+        except EOFError:
+            reply = ("fatal", f"the prefill process exited with status {self.process.wait()}")
+        if reply[0] != "ready":
+            self.close()
+            raise RuntimeError(f"prefill process: {reply[1]}")
+        self.programs = reply[1]
+
+    def prefill(self, slot: int, input_ids, *, image_mask=None, pixel_values=None, threads: int = 1) -> np.ndarray:
+        """Run one prompt into cache row `slot`; its last position's logits. Raises what the child raised,
+        or PrefillProcessDied."""
+        try:
+            self.conn.send((slot, np.asarray(input_ids), image_mask, pixel_values, threads))
+            status, value = self.conn.recv()
+        except (EOFError, OSError) as error:
+            raise PrefillProcessDied(f"the prefill process died ({type(error).__name__})") from error
+        if status == "error":
+            raise value
+        return value
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        self.conn.close()  # the child reads EOF and exits
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class PrefillProcessDied(RuntimeError):
+    pass
+
+
+def main() -> None:
+    """The child: load the model, map the cache, then prefill the prompts it is sent until EOF."""
+    conn = Connection(int(sys.argv[1]))
+    try:
+        setup = conn.recv()
+    except EOFError:  # the worker is gone already
+        return
+    config = setup["config"]
+    try:
+        from server.engine.worker import ignore_stop_signals, limit_blas_threads, make_cpu_program
+
+        import paddle
+
+        ignore_stop_signals()
+        paddle.set_device("cpu")
+        limit_blas_threads()
+        from model.cpu_vision import CpuVisionEncoder
+        from model.generation import DecodeBatch
+        from model.loader import load_model
+
+        arrays = iter(attach(setup["buffers"]))
+
+        def allocate(shape, dtype):
+            array = next(arrays)
+            if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise RuntimeError(f"shared cache buffer is {array.shape} {array.dtype}, wanted {shape} {dtype}")
+            return array
+
+        model = load_model(config.model_path, dtype=None if config.dtype == "auto" else config.dtype, device="cpu")
+        batch = DecodeBatch(model, slots=setup["slots"], max_len=setup["row_length"], allocate=allocate)
+        vision = make_cpu_program("image encoder", "cpu", config.cpu_vision,
+                                  lambda: CpuVisionEncoder(model, single_thread_copy=True))
+    except Exception as error:  # noqa: BLE001 - reported to the worker, which fails to start
+        conn.send(("fatal", f"{type(error).__name__}: {error}"))
+        return
+    threads = [0]
+    if vision is not None:
+        batch.encode_images = lambda pixels: vision.encode_images(pixels, single_thread=threads[0] == 1)
+    conn.send(("ready", ["image encoder"] if vision is not None else []))
+    from model import cpu_blas
+
+    while True:
+        try:
+            slot, input_ids, image_mask, pixel_values, want = conn.recv()
+        except (EOFError, OSError):
+            return
+        if want != threads[0]:
+            paddle.base.core.set_num_threads(want)
+            cpu_blas.configure(gemm_threads=want, small_threads=1)
+            threads[0] = want
+        try:
+            reply = ("ok", batch.prefill_text(slot, input_ids, image_mask=image_mask, pixel_values=pixel_values))
+        except Exception as error:  # noqa: BLE001 - that request fails alone
+            reply = ("error", error)
+        try:
+            try:
+                conn.send(reply)
+            except Exception:  # noqa: BLE001 - an exception that does not pickle
+                conn.send(("error", RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
+        except OSError:
+            return
