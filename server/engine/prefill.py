@@ -39,9 +39,8 @@ class SharedBuffers:
     def allocate(self, shape, dtype: str) -> np.ndarray:
         shape = tuple(int(n) for n in shape)
         fd = os.memfd_create("janus-kv-cache")
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        os.ftruncate(fd, max(nbytes, 1))
-        array = np.frombuffer(mmap.mmap(fd, max(nbytes, 1)), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        os.ftruncate(fd, _nbytes(shape, dtype))
+        array = _map(fd, shape, dtype)
         self.specs.append((fd, shape, dtype))
         self.arrays.append(array)
         return array
@@ -61,10 +60,17 @@ def attach(specs) -> list[np.ndarray]:
     """The child's views of the parent's buffers (descriptors inherited at the same numbers)."""
     arrays = []
     for fd, shape, dtype in specs:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        arrays.append(np.frombuffer(mmap.mmap(fd, max(nbytes, 1)), dtype=dtype, count=int(np.prod(shape))).reshape(shape))
-        os.close(fd)
+        arrays.append(_map(fd, shape, dtype))
+        os.close(fd)  # the mapping keeps the memory
     return arrays
+
+
+def _nbytes(shape, dtype) -> int:
+    return max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)  # mmap refuses 0 bytes
+
+
+def _map(fd: int, shape, dtype) -> np.ndarray:
+    return np.frombuffer(mmap.mmap(fd, _nbytes(shape, dtype)), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 class PrefillProcess:
