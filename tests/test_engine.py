@@ -368,10 +368,10 @@ def test_prefill_process_serves_what_the_prefill_thread_serves(loop, engine, tmp
         return await asyncio.gather(*(client.understand(r) for r in requests))
 
     fast = loop.run(run_all(engine))
-    assert "prefill process" in engine._workers[0].programs
+    assert engine._workers[0].prefill == "process"
     threaded = start_engine(loop, tmp_path, cpu_prefill="thread")
     try:
-        assert "prefill process" not in threaded._workers[0].programs
+        assert threaded._workers[0].prefill == "thread"
         assert children(worker_pids(threaded)[0]) == []
         slow = loop.run(run_all(threaded))
     finally:
@@ -440,6 +440,7 @@ def test_openvino_cpu_engine_serves_what_eager_serves(loop, engine, tmp_path):
     eager = loop.run(run_all(engine))
     fast = start_engine(loop, tmp_path, cpu_engine="openvino")
     try:
+        assert fast._workers[0].prefill == "inline"  # the OpenVINO engine takes one caller
         assert [outcome(r) for r in loop.run(run_all(fast))] == [outcome(r) for r in eager]
     finally:
         loop.run(fast.stop())

@@ -78,6 +78,7 @@ class WorkerHandle:
         self.rows = 0
         self.row_length = 0
         self.programs: list[str] = []  # the OpenVINO programs the worker runs on CPU
+        self.prefill = ""  # how it prefills understanding prompts: "process", "thread" or "inline"
         self.steps = 0
         self.batch_rows = 0  # cache rows in use, as the worker itself last reported
         self.reader: threading.Thread | None = None
@@ -85,6 +86,10 @@ class WorkerHandle:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
+
+
+PREFILL_WHERE = {"process": "in a child process", "thread": "in a thread beside the decode loop",
+                 "inline": "in the decode loop"}
 
 
 class EngineClient:
@@ -507,8 +512,9 @@ class EngineClient:
             worker.rows = info["rows"]
             worker.row_length = info["row_length"]
             worker.programs = list(info.get("programs", []))
-            log.info("worker %d ready on %s (OpenVINO: %s)", worker.index, info["device"],
-                     ", ".join(worker.programs) or "none")
+            worker.prefill = info.get("prefill", "inline")
+            log.info("worker %d ready on %s (OpenVINO: %s; understanding prefills: %s)", worker.index,
+                     info["device"], ", ".join(worker.programs) or "none", PREFILL_WHERE[worker.prefill])
             self._wake.set()
         elif kind == "fatal":
             worker.fatal = message[1]

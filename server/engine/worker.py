@@ -156,9 +156,10 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
     programs = [name for name, program in (("decode engine", forward_hidden), ("image encoder", vision),
                                            ("VQ decoder", vq_decoder)) if program is not None]
     if prefiller is not None:
-        programs += ["prefill process"] + [f"{name} (prefill process)" for name in prefiller.programs]
+        programs += [f"{name} (prefill process)" for name in prefiller.programs]
+    prefill = "process" if prefiller is not None else "thread" if prefill_thread else "inline"
     outbox.put(("ready", {"device": device, "row_length": row_len, "rows": config.max_batch_rows,
-                          "pid": os.getpid(), "programs": programs}))
+                          "pid": os.getpid(), "programs": programs, "prefill": prefill}))
     try:
         Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder, vision=vision,
                   prefill_thread=prefill_thread, prefiller=prefiller).run()
