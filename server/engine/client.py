@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import queue
 import secrets
 import threading
 import time
@@ -165,15 +164,17 @@ class EngineClient:
 
     def _spawn(self, worker: WorkerHandle) -> None:
         worker.inbox = self._ctx.Queue()
-        worker.outbox = self._ctx.Queue()
+        # Worker -> API process: a pipe the worker writes itself (worker.Outbox), not a Queue.
+        worker.outbox, sender = self._ctx.Pipe(duplex=False)
         worker.ready = False
         worker.running.clear()
         worker.rows_used = 0
         worker.batch_rows = 0
         worker.process = self._ctx.Process(
-            target=run_worker, args=(self._worker_config(worker), worker.inbox, worker.outbox),
+            target=run_worker, args=(self._worker_config(worker), worker.inbox, sender),
             name=f"janus-worker-{worker.index}", daemon=True)
         worker.process.start()
+        sender.close()  # the worker holds the only writer now
         worker.reader = threading.Thread(target=self._read_outbox, args=(worker, worker.process, worker.outbox),
                                          name=f"janus-reader-{worker.index}", daemon=True)
         worker.reader.start()
@@ -220,9 +221,7 @@ class EngineClient:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(timeout=5)
-            for q in (worker.inbox, worker.outbox):
-                q.cancel_join_thread()
-                q.close()
+            self._close_pipes(worker)
             if worker.reader is not None:
                 worker.reader.join(timeout=5)
             # Dropping the queues lets their semaphores be unlinked now rather than reported as leaked at exit.
@@ -490,12 +489,12 @@ class EngineClient:
         """Reader thread: worker messages -> the event loop, until that process is gone."""
         while True:
             try:
-                message = outbox.get(timeout=0.2)
-            except queue.Empty:
-                if not process.is_alive():
-                    return
-                continue
-            except (EOFError, OSError, ValueError):
+                if not outbox.poll(0.2):
+                    if not process.is_alive():
+                        return
+                    continue
+                message = outbox.recv()
+            except (EOFError, OSError, ValueError):  # the worker is gone, or the pipe was closed here
                 return
             try:
                 self._loop.call_soon_threadsafe(self._on_message, worker, process, message)
@@ -565,11 +564,15 @@ class EngineClient:
             self._finish(request, error=WorkerRestartedError(
                 f"the model worker running this request stopped (exit code {code}) and is being restarted; "
                 "retry the request"))
-        for q in (worker.inbox, worker.outbox):
-            q.cancel_join_thread()
-            q.close()
+        self._close_pipes(worker)
         self._restarts += 1
         self._spawn(worker)
+
+    @staticmethod
+    def _close_pipes(worker: WorkerHandle) -> None:
+        worker.inbox.cancel_join_thread()
+        worker.inbox.close()
+        worker.outbox.close()
 
     def _timings(self, request: PendingRequest, data: dict) -> Timings:
         now = time.monotonic()

@@ -103,8 +103,32 @@ def row_length(config: WorkerConfig, max_positions: int) -> int:
     return max(1, min(config.max_cache_tokens // config.max_batch_rows, max_positions))
 
 
+class Outbox:
+    """The worker's end of its pipe to the API process.
+
+    Each message is pickled and written by the thread that sends it (the loop, the VQ thread),
+    under a lock. A multiprocessing.Queue would hand it to a feeder thread instead, which then
+    takes the GIL from the loop at every step: measured with janus-tiny, 8 concurrent
+    understanding requests, the loop's empty inbox check took over 0.2 ms in half the steps.
+    Once the API process is gone, messages are dropped; the loop notices and exits.
+    """
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def put(self, message) -> None:
+        with self.lock:
+            try:
+                self.conn.send(message)
+            except OSError:  # BrokenPipeError: nobody reads it any more
+                pass
+
+
 def run_worker(config: WorkerConfig, inbox, outbox) -> None:
-    """Process entry point (spawned, so nothing from the parent's memory leaks in)."""
+    """Process entry point (spawned, so nothing from the parent's memory leaks in); `outbox`: the write end
+    of a pipe to the API process."""
+    outbox = Outbox(outbox)
     if config.threads:
         os.environ["OMP_NUM_THREADS"] = str(config.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
@@ -295,7 +319,6 @@ class Scheduler:
                 return
             if self.checked_now() and self.orphaned():
                 log.warning("the API process is gone; worker %d exits", os.getpid())
-                self.outbox.cancel_join_thread()  # nobody reads it any more
                 return
             if self.prefiller_died is not None:  # the client restarts the worker, and with it the child
                 raise RuntimeError("the prefill process died; the worker exits to be restarted") from self.prefiller_died
