@@ -622,3 +622,26 @@ def test_prefill_thread_joins_rows_and_fails_or_drops_them_alone():
     assert batch.pool.free == 3  # the failed and the cancelled rows are back; "good" holds slot 0
     scheduler.share_cores()
     assert scheduler.step_threads == scheduler.cores
+
+
+def test_outbox_sends_in_order_and_drops_messages_once_nobody_reads():
+    """The worker's pipe to the API process: messages arrive whole and in order, from several threads; once
+    the API process is gone, put() drops them rather than failing the loop (which then exits on its own)."""
+    import multiprocessing
+
+    from server.engine.worker import Outbox
+
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    outbox = Outbox(writer)
+    big = np.arange(300_000, dtype=np.int64)  # more than a pipe buffer holds
+    senders = [threading.Thread(target=lambda i=i: [outbox.put((i, n, big)) for n in range(3)]) for i in range(2)]
+    for thread in senders:
+        thread.start()
+    received = [reader.recv() for _ in range(6)]
+    for thread in senders:
+        thread.join(10)
+    for i in range(2):
+        assert [m[1] for m in received if m[0] == i] == [0, 1, 2]
+    assert all(np.array_equal(m[2], big) for m in received)
+    reader.close()
+    outbox.put(("after",))  # no BrokenPipeError
