@@ -34,7 +34,7 @@ class SharedBuffers:
 
     def __init__(self):
         self.specs: list[tuple[int, tuple[int, ...], str]] = []  # (fd, shape, dtype) per buffer
-        self.arrays: list[np.ndarray] = []
+        self.arrays: list[np.ndarray] = []  # the worker's mappings (its cache tensors hold them too, via DLPack)
 
     def allocate(self, shape, dtype: str) -> np.ndarray:
         shape = tuple(int(n) for n in shape)
