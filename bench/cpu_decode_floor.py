@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model.config import JanusConfig  # noqa: E402
 from model.cpu_engine import CpuDecodeEngine  # noqa: E402
 from model.llama import LlamaModel  # noqa: E402
+from timing import median_seconds  # noqa: E402  (bench/timing.py)
 
 
 QUIET = 0.1  # a step counts as quiet when other processes took under a tenth of a core meanwhile
@@ -88,21 +89,10 @@ def copy_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> dict:  # a 1.
             for w in workers:
                 w.join()
 
-        copy()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            copy()
-            times.append(time.perf_counter() - started)
-        result[threads] = 2 * src.nbytes / float(np.median(times)) / 1e9
+        result[threads] = 2 * src.nbytes / median_seconds(copy, repeats) / 1e9
     # For reference, not the floor: weight streaming by a library kernel (OpenBLAS sgemv, numpy's threads).
     matrix, vector = src.reshape(-1, 2048), np.ones(2048, np.float32)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        matrix @ vector
-        times.append(time.perf_counter() - started)
-    result["gemv"] = src.nbytes / float(np.median(times)) / 1e9
+    result["gemv"] = src.nbytes / median_seconds(lambda: matrix @ vector, repeats) / 1e9
     return result
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the component benchmarks (vq_bench.py, vision_bench.py)."""
+"""Helpers shared by the component benchmarks (vq_bench.py, vision_bench.py, cpu_decode_floor.py)."""
 from __future__ import annotations
 
 import statistics
