@@ -133,16 +133,12 @@ def main() -> None:
         return
     config = setup["config"]
     try:
-        from server.engine.worker import ignore_stop_signals, limit_blas_threads, make_cpu_program
+        import paddle  # noqa: F401 - before ignore_stop_signals
 
-        import paddle
+        from model.generation import DecodeBatch
+        from server.engine.worker import ignore_stop_signals, image_encoder, load_worker_model, use_cpu_threads
 
         ignore_stop_signals()
-        paddle.set_device("cpu")
-        limit_blas_threads()
-        from model.cpu_vision import CpuVisionEncoder
-        from model.generation import DecodeBatch
-        from model.loader import load_model
 
         arrays = iter(attach(setup["buffers"]))
 
@@ -152,10 +148,9 @@ def main() -> None:
                 raise RuntimeError(f"shared cache buffer is {array.shape} {array.dtype}, wanted {shape} {dtype}")
             return array
 
-        model = load_model(config.model_path, dtype=None if config.dtype == "auto" else config.dtype, device="cpu")
+        model = load_worker_model(config, "cpu")
         batch = DecodeBatch(model, slots=setup["slots"], max_len=setup["row_length"], allocate=allocate)
-        vision = make_cpu_program("image encoder", "cpu", config.cpu_vision,
-                                  lambda: CpuVisionEncoder(model, single_thread_copy=True))
+        vision = image_encoder(model, "cpu", config)
     except Exception as error:  # noqa: BLE001 - reported to the worker, which fails to start
         conn.send(("fatal", f"{type(error).__name__}: {error}"))
         return
@@ -163,16 +158,13 @@ def main() -> None:
     if vision is not None:
         batch.encode_images = lambda pixels: vision.encode_images(pixels, single_thread=threads[0] == 1)
     conn.send(("ready", ["image encoder"] if vision is not None else []))
-    from model import cpu_blas
-
     while True:
         try:
             slot, input_ids, image_mask, pixel_values, want = conn.recv()
         except (EOFError, OSError):
             return
         if want != threads[0]:
-            paddle.base.core.set_num_threads(want)
-            cpu_blas.configure(gemm_threads=want, small_threads=1)
+            use_cpu_threads(want)
             threads[0] = want
         try:
             reply = ("ok", batch.prefill_text(slot, input_ids, image_mask=image_mask, pixel_values=pixel_values))

@@ -133,20 +133,14 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         os.environ["OMP_NUM_THREADS"] = str(config.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     try:
-        import paddle
+        import paddle  # noqa: F401 - before ignore_stop_signals
 
         ignore_stop_signals()  # after Paddle's import, which installs its own SIGTERM handler
         from model.generation import DecodeBatch
         from model.llama import numpy_attention
 
         device = pick_device(config.device)
-        paddle.set_device(device)
-        if device == "cpu":
-            limit_blas_threads()
-        from model.loader import load_model
-
-        dtype = None if config.dtype == "auto" else config.dtype
-        model = load_model(config.model_path, dtype=dtype, device=device)
+        model = load_worker_model(config, device)
         row_len = row_length(config, model.config.language.max_position_embeddings)
         forward_hidden = None
         if device == "cpu" and config.cpu_engine == "openvino":
@@ -155,7 +149,7 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
             forward_hidden = CpuDecodeEngine(model).forward_hidden
         # The prefill thread writes its rows of the cache through numpy views (llama.numpy_attention);
         # the OpenVINO engine takes one caller.
-        prefill_thread = forward_hidden is None and device == "cpu" and numpy_attention(model.language_model.lm_head.weight)
+        prefill_thread = forward_hidden is None and numpy_attention(model.language_model.lm_head.weight)
         prefiller = None
         if prefill_thread and prefill_in_process(config, model):
             from server.engine.prefill import PrefillProcess, SharedBuffers
@@ -166,12 +160,8 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         else:
             batch = DecodeBatch(model, slots=config.max_batch_rows, max_len=row_len, forward_hidden=forward_hidden)
         from model.cpu_engine import CpuVQDecoder
-        from model.cpu_vision import CpuVisionEncoder
 
-        vision = None
-        if prefiller is None:  # else the prefill process encodes every image
-            vision = make_cpu_program("image encoder", device, config.cpu_vision,
-                                      lambda: CpuVisionEncoder(model, single_thread_copy=True))
+        vision = None if prefiller is not None else image_encoder(model, device, config)  # else the child encodes
         vq_decoder = make_cpu_program("VQ decoder", device, config.cpu_vq,
                                       lambda: CpuVQDecoder(model, single_thread_copy=True))
     except Exception as error:  # noqa: BLE001 - the parent reports it and stops retrying
@@ -190,6 +180,38 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
     finally:
         if prefiller is not None:
             prefiller.close()
+
+
+def load_worker_model(config: WorkerConfig, device: str):
+    """Paddle on `device` and the model on it, as the worker and its prefill process run it."""
+    import paddle
+
+    from model.loader import load_model
+
+    paddle.set_device(device)
+    if device == "cpu":
+        limit_blas_threads()
+    return load_model(config.model_path, dtype=None if config.dtype == "auto" else config.dtype, device=device)
+
+
+def image_encoder(model, device: str, config: WorkerConfig):
+    """The OpenVINO image encoder for understanding prefills (--cpu-vision), or None for eager."""
+    from model.cpu_vision import CpuVisionEncoder
+
+    return make_cpu_program("image encoder", device, config.cpu_vision,
+                            lambda: CpuVisionEncoder(model, single_thread_copy=True))
+
+
+def use_cpu_threads(threads: int) -> None:
+    """Paddle's thread count for this process, and the large numpy products' (model/cpu_blas.py) to match
+    once limit_blas_threads has set them."""
+    import paddle
+
+    from model import cpu_blas
+
+    paddle.base.core.set_num_threads(threads)
+    if cpu_blas.configured():
+        cpu_blas.configure(gemm_threads=threads, small_threads=1)
 
 
 # Models up to this many bytes of parameters prefill in a process of their own (--cpu-prefill auto).
@@ -277,7 +299,7 @@ class Scheduler:
         self.steps = 0
         self.reported_rows = 0
         self.parent = multiprocessing.parent_process()  # None when not started by multiprocessing
-        self.parent_checked = time.monotonic()
+        self.checked_at = time.monotonic()
         self.events: list[tuple] = []
         # With a VQ decoder program (CPU), finished codes are decoded by a thread beside the decode
         # loop, so that the running rows keep stepping; the thread posts its results itself.
@@ -317,9 +339,12 @@ class Scheduler:
             idle = not self.running and not self.pending and not self.prefilling
             if not self.take_messages(block=idle):
                 return
-            if self.checked_now() and self.orphaned():
-                log.warning("the API process is gone; worker %d exits", os.getpid())
-                return
+            if self.checks_due():
+                if self.orphaned():
+                    log.warning("the API process is gone; worker %d exits", os.getpid())
+                    return
+                if self.prefiller is not None and self.prefiller_died is None and not self.prefiller.alive():
+                    self.prefiller_died = PrefillProcessDied("the prefill process exited")
             if self.prefiller_died is not None:  # the client restarts the worker, and with it the child
                 raise RuntimeError("the prefill process died; the worker exits to be restarted") from self.prefiller_died
             self.join_prefilled(wait=not self.running and bool(self.prefilling))
@@ -329,14 +354,12 @@ class Scheduler:
                 self.step()
             self.flush()
 
-    def checked_now(self) -> bool:
-        """Whether it is time for the checks of the processes around the worker (at most once a second)."""
+    def checks_due(self) -> bool:
+        """Whether it is time to check the processes around the worker (at most once a second)."""
         now = time.monotonic()
-        if now - self.parent_checked < 1.0:
+        if now - self.checked_at < 1.0:
             return False
-        self.parent_checked = now
-        if self.prefiller is not None and self.prefiller_died is None and not self.prefiller.alive():
-            self.prefiller_died = PrefillProcessDied("the prefill process exited")
+        self.checked_at = now
         return True
 
     def orphaned(self) -> bool:
@@ -500,13 +523,7 @@ class Scheduler:
         free = max(1, self.cores - self.vq_cores)
         want = max(1, free // 2) if self.prefilling else free
         if want != self.step_threads:
-            import paddle
-
-            from model import cpu_blas
-
-            paddle.base.core.set_num_threads(want)
-            if cpu_blas.configured():  # the large numpy products follow Paddle's count
-                cpu_blas.configure(gemm_threads=want, small_threads=1)
+            use_cpu_threads(want)
             self.step_threads = want
 
     def handle(self, events) -> None:
