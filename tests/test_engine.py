@@ -419,6 +419,24 @@ def test_prefill_process_only_for_small_cpu_models():
     assert not prefill_in_process(config("thread"), model(1))
 
 
+def test_small_models_step_on_one_paddle_thread():
+    from types import SimpleNamespace
+
+    import paddle.nn as nn
+
+    from model.loader import load_model
+
+    from server.engine.worker import SMALL_STEP_MAX_WEIGHTS, small_steps
+
+    def model(out_features):
+        return SimpleNamespace(language_model=nn.Sequential(nn.Linear(64, 64), nn.Linear(64, out_features)),
+                               gen_head=nn.Sequential(nn.Linear(64, 8)), gen_aligner=nn.Sequential())
+
+    assert small_steps(model(SMALL_STEP_MAX_WEIGHTS // 64 - 1))
+    assert not small_steps(model(SMALL_STEP_MAX_WEIGHTS // 64))
+    assert small_steps(load_model(Path(__file__).parent / "golden" / "janus-tiny"))
+
+
 def test_request_timeout(loop, tmp_path):
     engine = start_engine(loop, tmp_path, request_timeout=0.5)
     try:

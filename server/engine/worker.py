@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -214,6 +215,31 @@ def use_cpu_threads(threads: int) -> None:
         cpu_blas.configure(gemm_threads=threads, small_threads=1)
 
 
+# A decode step whose language-model and head products all have fewer weights than this runs on one
+# of Paddle's threads (Scheduler.step_cap).
+SMALL_STEP_MAX_WEIGHTS = 1 << 16
+
+
+def small_steps(model) -> bool:
+    """Whether `model`'s decode steps are too small to gain from a second Paddle thread.
+
+    Such a step is a few hundred ops of a few microseconds each, and Intel OpenMP's spare
+    thread spins for 200 ms (KMP_BLOCKTIME) after each op it joins: it gains nothing and takes
+    a core from the prefill process and the API process. Measured on the 2-core dev box,
+    janus-tiny: a step alone takes the same time on 1 thread as on 2 (8 rows, 2.97 against
+    3.04 ms); in the server at 8 concurrent understanding requests, perf found the loop's
+    second OpenMP thread spinning on half a core. bench/serve_bench.py, understanding, 3
+    alternating pairs: c=8 1919 / 1994 / 1428 tokens/s with 1 step thread against 1281 / 1613
+    / 1527 with 2; c=1 388 / 415 / 331 against 430 / 418 / 351 (within the noise). With
+    KMP_BLOCKTIME=0 instead, c=8 fell (1343 against 1479): the pool's wake-ups.
+    """
+    import paddle.nn as nn
+
+    parts = (model.language_model, model.gen_head, model.gen_aligner)
+    return all(math.prod(layer.weight.shape) < SMALL_STEP_MAX_WEIGHTS
+               for part in parts for layer in part.sublayers() if isinstance(layer, nn.Linear))
+
+
 # Models up to this many bytes of parameters prefill in a process of their own (--cpu-prefill auto).
 PREFILL_PROCESS_MAX_BYTES = 1 << 30
 
@@ -313,6 +339,8 @@ class Scheduler:
         self.cores = cpu_threads()
         self.vq_cores = 0  # cores the VQ thread is decoding on now (set by the thread)
         self.step_threads = self.cores
+        # The most Paddle threads a step is given (share_cores): one for a model too small to split.
+        self.step_cap = 1 if vq_decoder is not None and small_steps(model) else self.cores
         if vq_decoder is not None:
             threading.Thread(target=self.vq_loop, name="vq-decode", daemon=True).start()
         # With `prefill_thread` (CPU, eager), understanding prompts (SigLIP and a prefill of hundreds
@@ -521,7 +549,7 @@ class Scheduler:
         process, so the loop and the prefill thread share it: half the free cores each.
         """
         free = max(1, self.cores - self.vq_cores)
-        want = max(1, free // 2) if self.prefilling else free
+        want = min(self.step_cap, max(1, free // 2) if self.prefilling else free)
         if want != self.step_threads:
             use_cpu_threads(want)
             self.step_threads = want
