@@ -581,6 +581,9 @@ def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():
     assert scheduler.vq_cores == 0
     scheduler.share_cores()
     assert scheduler.step_threads == scheduler.cores
+    capped = Scheduler(None, Batch(), config, queue_module.Queue(), outbox, max_step_threads=1)
+    capped.share_cores()
+    assert capped.step_threads == 1  # a model too small to split steps on one thread, cores free or not
 
 
 def test_prefill_thread_joins_rows_and_fails_or_drops_them_alone():

@@ -176,8 +176,11 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
     outbox.put(("ready", {"device": device, "row_length": row_len, "rows": config.max_batch_rows,
                           "pid": os.getpid(), "programs": programs, "prefill": prefill}))
     try:
+        # One Paddle thread for the steps of a model too small to split (while the VQ thread, not the
+        # loop, runs the image decoder's convolutions).
         Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder, vision=vision,
-                  prefill_thread=prefill_thread, prefiller=prefiller).run()
+                  prefill_thread=prefill_thread, prefiller=prefiller,
+                  max_step_threads=1 if vq_decoder is not None and small_steps(model) else None).run()
     finally:
         if prefiller is not None:
             prefiller.close()
@@ -314,7 +317,7 @@ class Scheduler:
     """Admission and stepping for one worker; FIFO admission, every admitted row steps together."""
 
     def __init__(self, model, batch, config: WorkerConfig, inbox, outbox, *, vq_decoder=None, vision=None,
-                 prefill_thread: bool = False, prefiller=None):
+                 prefill_thread: bool = False, prefiller=None, max_step_threads: int | None = None):
         self.model = model
         self.batch = batch
         self.config = config
@@ -339,8 +342,7 @@ class Scheduler:
         self.cores = cpu_threads()
         self.vq_cores = 0  # cores the VQ thread is decoding on now (set by the thread)
         self.step_threads = self.cores
-        # The most Paddle threads a step is given (share_cores): one for a model too small to split.
-        self.step_cap = 1 if vq_decoder is not None and small_steps(model) else self.cores
+        self.step_cap = max_step_threads or self.cores  # the most Paddle threads share_cores gives a step
         if vq_decoder is not None:
             threading.Thread(target=self.vq_loop, name="vq-decode", daemon=True).start()
         # With `prefill_thread` (CPU, eager), understanding prompts (SigLIP and a prefill of hundreds
