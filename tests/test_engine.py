@@ -109,6 +109,8 @@ def engine(loop, tmp_path_factory):
     yield engine
     pids = engine_pids(engine)
     assert len(pids) == 2  # janus-tiny prefills in a process of its own
+    child = Path(f"/proc/{pids[1]}/environ").read_bytes().split(b"\0")
+    assert b"KMP_BLOCKTIME=1" in child  # its OpenMP pool does not spin between prefills
     loop.run(engine.stop())
     wait_gone(pids, "engine shutdown", seconds=1)
 
