@@ -82,8 +82,9 @@ class PrefillProcess:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         # Paddle's OpenMP threads sleep 1 ms after the child's last op, not Intel OpenMP's default 200:
         # the child works in bursts, and a spinning pool takes a core from the decode loop and the API
-        # process meanwhile. Measured, janus-tiny understanding at c=1 on the 2-core dev box: the child
-        # at 67 % of a core for a 12 % share of the work, 12 % so (requests 354 -> 400 tokens/s, noise).
+        # process meanwhile. Measured on the 2-core dev box, janus-tiny understanding one request at a
+        # time: the child used 67 % of a core with the default and 12 % with 1 ms; the requests ran at
+        # 354 and 400 tokens/s (within the noise).
         env.setdefault("KMP_BLOCKTIME", "1")
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from server.engine.prefill import main; main()", str(theirs.fileno())],

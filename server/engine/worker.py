@@ -219,7 +219,7 @@ def use_cpu_threads(threads: int) -> None:
 
 
 # A decode step whose language-model and head products all have fewer weights than this runs on one
-# of Paddle's threads (Scheduler.step_cap).
+# of Paddle's threads (run_worker passes the Scheduler max_step_threads=1).
 SMALL_STEP_MAX_WEIGHTS = 1 << 16
 
 
