@@ -495,10 +495,14 @@ class Scheduler:
                         self.prefiller_died = error
             self.prefill_done.put(job)
 
+    def free_cores(self, shared: bool) -> int:
+        """The cores the VQ thread is not decoding on, halved when `shared` by the loop and a prefill."""
+        free = max(1, self.cores - self.vq_cores)
+        return max(1, free // 2) if shared else free
+
     def prefill_threads(self) -> int:
         """Cores for the prefill process: those the loop and the VQ thread leave it."""
-        free = max(1, self.cores - self.vq_cores)
-        return max(1, free // 2) if self.running else free
+        return self.free_cores(shared=bool(self.running))
 
     def encode_images(self, pixels):
         """The vision program, on one core while the prefill thread runs beside stepping rows, else on all
@@ -550,8 +554,7 @@ class Scheduler:
         2 Paddle threads and 6-7 ms with 1. Paddle's thread count is one setting for the whole
         process, so the loop and the prefill thread share it: half the free cores each.
         """
-        free = max(1, self.cores - self.vq_cores)
-        want = min(self.step_cap, max(1, free // 2) if self.prefilling else free)
+        want = min(self.step_cap, self.free_cores(shared=bool(self.prefilling)))
         if want != self.step_threads:
             use_cpu_threads(want)
             self.step_threads = want
