@@ -414,7 +414,15 @@ class _VQPart(nn.Layer):
 class CompiledCopies:
     """An OpenVINO model compiled for the CPU in float32 on `threads` threads and, with
     `single_thread_copy`, also on one (its own copy of the weights), for when decode steps
-    run on the other cores. Used by CpuVQDecoder and model/cpu_vision.CpuVisionEncoder."""
+    run on the other cores. Used by CpuVQDecoder and model/cpu_vision.CpuVisionEncoder.
+
+    CPU pinning is off. By default OpenVINO pins the threads of a run to cores, a one-thread
+    run always to the first core of the process's set, so two one-thread runs at once (the
+    worker's VQ thread and the prefill process's image encoder) share one core while the other
+    may idle. Measured with janus-tiny on the 2-core dev box: a one-thread VQ decode beside a
+    loop of one-thread image encodes took 1.93-1.97x as long as alone when pinned, 1.01-1.02x
+    unpinned; alone, each took the same time either way.
+    """
 
     def __init__(self, graph, threads: int, single_thread_copy: bool):
         import openvino
@@ -422,9 +430,10 @@ class CompiledCopies:
         core = openvino.Core()
         self.threads = threads
         counts = sorted({threads, 1} if single_thread_copy else {threads})
-        self.requests = {n: core.compile_model(graph, "CPU", {
+        self.compiled = {n: core.compile_model(graph, "CPU", {
             "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": n,
-            "PERFORMANCE_HINT": "LATENCY"}).create_infer_request() for n in counts}
+            "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}) for n in counts}
+        self.requests = {n: compiled.create_infer_request() for n, compiled in self.compiled.items()}
 
     def infer(self, inputs: dict, *, single_thread: bool = False):
         """The outputs of one run, on the one-thread copy if `single_thread` and it was built."""

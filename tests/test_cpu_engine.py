@@ -215,6 +215,38 @@ def test_vq_decoder_program_reproduces_the_golden_images():
         decoder.decode(np.zeros((1, 100), np.int64))
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning to one core shows only with two or more")
+def test_one_thread_vq_decode_is_not_pinned_to_a_core():
+    """OpenVINO would pin a one-thread run to the process's first core, so the worker's VQ decode and
+    the prefill process's image encode, both on one thread, would share that core; pinning is off."""
+    import threading
+
+    from model.loader import load_model
+
+    decoder = CpuVQDecoder(load_model(GOLDEN), threads=2, single_thread_copy=True)
+    assert all(compiled.get_property("ENABLE_CPU_PINNING") is False
+               for compiled in decoder.program.compiled.values())
+    everywhere = os.sched_getaffinity(0)
+    codes = np.zeros((2, 576), np.int64)
+    seen, started, done = [], threading.Event(), threading.Event()
+
+    def decode():
+        seen.append(threading.get_native_id())
+        started.set()
+        for _ in range(2):
+            decoder.decode(codes, single_thread=True)
+        done.set()
+
+    thread = threading.Thread(target=decode)
+    thread.start()
+    started.wait()
+    affinities = set()
+    while not done.is_set():  # the decodes take about a second: polled thousands of times
+        affinities.add(frozenset(os.sched_getaffinity(seen[0])))
+    thread.join()
+    assert affinities == {frozenset(everywhere)}
+
+
 @pytest.mark.parametrize("products", ["einsum", "matmul"])
 @pytest.mark.parametrize("slots, starts, tokens", [
     ([1], [12], 1),  # one row, partial block
