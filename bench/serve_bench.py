@@ -129,17 +129,35 @@ class HTTPTarget:
 
 
 async def run_level(target, kind: str, concurrency: int, requests: int) -> dict:
-    """`requests` requests, at most `concurrency` in flight at any time."""
-    gate = asyncio.Semaphore(concurrency)
-    call = target.understand if kind == "understand" else target.generate
+    """`requests` requests, at most `concurrency` in flight at any time.
 
-    async def one(i):
-        async with gate:
-            return await call(i)
-
+    kind "mixed": `requests` understanding and `requests` image requests at once, each kind
+    with `concurrency` in flight. Tokens/s, TTFT and TPOT are the understanding requests',
+    over the time until the last of them ended; images/s the image requests', likewise."""
+    calls = {"understand": [target.understand], "generate": [target.generate],
+             "mixed": [target.understand, target.generate]}[kind]
     start = time.perf_counter()
-    samples = await asyncio.gather(*(one(i) for i in range(requests)))
-    return summarize(samples, time.perf_counter() - start)
+
+    async def group(call) -> tuple[list[Sample], float]:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i):
+            async with gate:
+                return await call(i)
+
+        samples = await asyncio.gather(*(one(i) for i in range(requests)))
+        return samples, time.perf_counter() - start
+
+    groups = await asyncio.gather(*(group(call) for call in calls))
+    stats = summarize(*groups[0])
+    if kind == "mixed":
+        images = summarize(*groups[1])
+        everything = groups[0][0] + groups[1][0]
+        stats.update(images_per_s=images["images_per_s"],
+                     requests_per_s=len(everything) / max(wall for _, wall in groups),
+                     latency_p50=percentile([s.latency for s in everything], 50),
+                     latency_p95=percentile([s.latency for s in everything], 95))
+    return stats
 
 
 async def start_engine(args, no_batching: bool) -> EngineClient:
@@ -155,8 +173,8 @@ async def start_engine(args, no_batching: bool) -> EngineClient:
 
 
 def print_row(label, kind, concurrency, stats, baseline=None):
-    key = "images_per_s" if kind == "generate" else "tokens_per_s"
-    ratio = f"  x{stats[key] / baseline[key]:.2f} vs one-at-a-time" if baseline else ""
+    ratio = "".join(f"  {key.split('_')[0]} x{stats[key] / baseline[key]:.2f}" for key in keys(kind)) if baseline else ""
+    ratio = f"{ratio} vs one-at-a-time" if ratio else ""
     print(f"{label:<12} {kind:<10} c={concurrency:<3} req/s {stats['requests_per_s']:7.3f}  "
           f"img/s {stats['images_per_s']:7.3f}  tok/s {stats['tokens_per_s']:8.2f}  "
           f"TTFT p50 {stats['ttft_p50']:7.3f}s  TPOT p50 {stats['tpot_p50'] * 1000:8.2f}ms  "
@@ -170,7 +188,8 @@ async def main() -> None:
     parser.add_argument("--devices", default="cpu")
     parser.add_argument("--url", default=None, help="benchmark a running server instead of an in-process engine")
     parser.add_argument("--api-key", default=os.environ.get("JANUS_API_KEY"))
-    parser.add_argument("--kind", default="understand,generate")
+    parser.add_argument("--kind", default="understand,generate",
+                        help="comma list of understand, generate, mixed (both kinds at once, --concurrency each)")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--requests", type=int, default=0, help="per level; 0: --rounds x concurrency (at least 8)")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client when --requests is 0; more "
@@ -220,11 +239,17 @@ async def main() -> None:
             await engine.stop()
     print("\nsummary (batched engine)")
     for kind in kinds:
-        key = "images_per_s" if kind == "generate" else "tokens_per_s"
-        base = results["batched", kind, levels[0]][key]
-        for c in levels:
-            value = results["batched", kind, c][key]
-            print(f"  {kind:<10} c={c:<3} {key} {value:8.3f}  x{value / base:5.2f} vs c={levels[0]}")
+        for key in keys(kind):
+            base = results["batched", kind, levels[0]][key]
+            for c in levels:
+                value = results["batched", kind, c][key]
+                print(f"  {kind:<10} c={c:<3} {key} {value:8.3f}  x{value / base:5.2f} vs c={levels[0]}")
+
+
+def keys(kind: str) -> list[str]:
+    """The throughput figures a kind is judged by."""
+    return {"understand": ["tokens_per_s"], "generate": ["images_per_s"],
+            "mixed": ["tokens_per_s", "images_per_s"]}[kind]
 
 
 if __name__ == "__main__":
