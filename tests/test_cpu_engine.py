@@ -194,13 +194,19 @@ def test_release_eager_weights(model):
         eager(clone, embeds, clone.new_cache(2, 16), [0], [0])
 
 
-def test_vq_decoder_program_reproduces_the_golden_images():
-    """The OpenVINO VQ decoder against the official implementation's decoded pixels and uint8 images."""
+@pytest.fixture(scope="module")
+def vq_decoder() -> CpuVQDecoder:
+    """janus-tiny's VQ decoder program, as the worker builds it: on two threads and on one."""
     from model.loader import load_model
+
+    return CpuVQDecoder(load_model(GOLDEN), threads=2, single_thread_copy=True)
+
+
+def test_vq_decoder_program_reproduces_the_golden_images(vq_decoder):
+    """The OpenVINO VQ decoder against the official implementation's decoded pixels and uint8 images."""
     from model.janus import to_uint8_images
 
-    janus = load_model(GOLDEN)
-    decoder = CpuVQDecoder(janus, threads=2, single_thread_copy=True)
+    decoder = vq_decoder
     with np.load(GOLDEN / "cases.npz") as data:
         codes, decoded, images = data["vq_decode.codes"], data["vq_decode.decoded"], data["vq_decode.images_uint8"]
     got = decoder.decode(codes)
@@ -216,14 +222,12 @@ def test_vq_decoder_program_reproduces_the_golden_images():
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning to one core shows only with two or more")
-def test_one_thread_vq_decode_is_not_pinned_to_a_core():
+def test_one_thread_vq_decode_is_not_pinned_to_a_core(vq_decoder):
     """OpenVINO would pin a one-thread run to the process's first core, so the worker's VQ decode and
     the prefill process's image encode, both on one thread, would share that core; pinning is off."""
     import threading
 
-    from model.loader import load_model
-
-    decoder = CpuVQDecoder(load_model(GOLDEN), threads=2, single_thread_copy=True)
+    decoder = vq_decoder
     assert all(compiled.get_property("ENABLE_CPU_PINNING") is False
                for compiled in decoder.program.compiled.values())
     everywhere = os.sched_getaffinity(0)
