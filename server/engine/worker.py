@@ -609,10 +609,10 @@ class Scheduler:
             if not job.cancelled:
                 # One core while the loop has rows to step, all when it is idle. Measured with janus-tiny,
                 # 8 concurrent image requests on 2 cores, and no faster: taking all cores when images
-                # pile up; two of these threads, each on its own one-thread request (1.46-1.48 against
-                # 1.59-1.66 images/s; OpenVINO pins a one-thread model to one core, so its pinning must
-                # be off for two to run at once); and those two at nice 10 or 19 (1.32-1.49), probably
-                # because a descheduled thread can hold the GIL that the loop waits for.
+                # pile up; two of these threads, each on its own one-thread request, unpinned as
+                # CompiledCopies runs them (1.46-1.48 against 1.59-1.66 images/s); and those two at
+                # nice 10 or 19 (1.32-1.49), probably because a descheduled thread can hold the GIL
+                # that the loop waits for.
                 single = bool(self.running)
 
                 def decode():
