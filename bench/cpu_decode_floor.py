@@ -4,6 +4,8 @@ In ONE run (so that ratios share the machine's current speed):
   floor   = weight bytes read per step / bandwidth of a large array copy
             (numpy copy of a 1 GiB array; bandwidth counts bytes read + written, as STREAM
             Copy does; the faster of one and two copying threads, median of several)
+  read    = for reference, the same bytes read without writing (two threads summing halves
+            of the array): what a step would take if it did nothing but read its weights
   eager   = model.forward_hidden through Paddle eager (MKL), batch 2 and 8, 64 cached tokens
   engine  = model/cpu_engine.py CpuDecodeEngine (Paddle Inference + OpenVINO, fp32), same steps
 Prints medians and ratios step/floor (against the median floor, and paired with the floor
@@ -90,7 +92,18 @@ def copy_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> dict:  # a 1.
                 w.join()
 
         result[threads] = 2 * src.nbytes / median_seconds(copy, repeats) / 1e9
-    # For reference, not the floor: weight streaming by a library kernel (OpenBLAS sgemv, numpy's threads).
+    # For reference, not the floor: reading alone (no writes), a sum over each half on its own thread,
+    # and weight streaming by a library kernel (OpenBLAS sgemv, numpy's threads).
+    halves = [src[: src.size // 2], src[src.size // 2:]]
+
+    def read():
+        workers = [threading.Thread(target=np.add.reduce, args=(half,)) for half in halves]  # releases the GIL
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    result["read"] = src.nbytes / median_seconds(read, repeats) / 1e9
     matrix, vector = src.reshape(-1, 2048), np.ones(2048, np.float32)
     result["gemv"] = src.nbytes / median_seconds(lambda: matrix @ vector, repeats) / 1e9
     return result
@@ -174,7 +187,7 @@ def main() -> None:
             return model(prefill_embeds, prefill_cache, [0], [0]).numpy()
 
     times: dict = {}
-    bandwidth: dict = {1: [], 2: [], "gemv": []}
+    bandwidth: dict = {1: [], 2: [], "read": [], "gemv": []}
     paired: dict = {}  # (runner, batch) -> step time / floor of the same round
     foreign: dict = {}  # (runner, batch) -> cores other processes used during the step
     prefill_times: dict = {}
@@ -254,8 +267,11 @@ def main() -> None:
     print(f"copy bandwidth (read+write, median of {len(bandwidth[1])} rounds): 1 thread {bw[1]:.1f} GB/s, "
           f"2 threads {bw[2]:.1f} GB/s")
     print(f"floor = {weight_bytes / 1e9:.3f} GB / {best:.1f} GB/s = {floor_ms:.0f} ms per step")
-    print(f"(for reference: OpenBLAS sgemv reads a 1 GiB matrix at {bw['gemv']:.1f} GB/s: "
-          f"{weight_bytes / bw['gemv'] / 1e6:.0f} ms for the weights)")
+    read_ms = weight_bytes / bw["read"] / 1e6
+    print(f"(for reference: reading alone, two threads summing a 1 GiB array, runs at {bw['read']:.1f} GB/s: "
+          f"{read_ms:.0f} ms for the weights, {read_ms / floor_ms:.2f}x the floor, before any arithmetic;")
+    print(f" OpenBLAS sgemv reads a 1 GiB matrix at {bw['gemv']:.1f} GB/s: "
+          f"{weight_bytes / bw['gemv'] / 1e6:.0f} ms for the weights, {weight_bytes / bw['gemv'] / 1e6 / floor_ms:.2f}x)")
     print(f"{'runner':>22} {'batch':>5} {'median ms':>10} {'min':>7} {'max':>7} {'x floor':>8} "
           f"{'x round floor':>14} {'vs eager':>9} {'quiet steps':>12} {'quiet median':>13} {'x floor':>8}")
     for b in batches:

@@ -206,6 +206,10 @@ async def main() -> None:
     parser.add_argument("--cpu-vision", default="auto", choices=["auto", "eager", "openvino"],
                         help="CPU image encoder")
     parser.add_argument("--no-baseline", action="store_true", help="skip the one-request-at-a-time run")
+    parser.add_argument("--bound", action="store_true",
+                        help="generate: after the runs, measure what one image costs in CPU time (VQ decode and "
+                             "language-model steps, each alone on one thread) and print the images/s the cores "
+                             "could make at most, next to the measured rates")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     kinds = args.kind.split(",")
@@ -237,6 +241,8 @@ async def main() -> None:
                         print_row("  batched", kind, c, baseline, stats)
         finally:
             await engine.stop()
+    if args.bound and "generate" in kinds:
+        print_bound(args, levels, results)
     print("\nsummary (batched engine)")
     for kind in kinds:
         for key in keys(kind):
@@ -244,6 +250,62 @@ async def main() -> None:
             for c in levels:
                 value = results["batched", kind, c][key]
                 print(f"  {kind:<10} c={c:<3} {key} {value:8.3f}  x{value / base:5.2f} vs c={levels[0]}")
+
+
+def generation_cost(model_path: str, concurrencies: list[int], rounds: int = 3) -> dict:
+    """CPU seconds one image costs, measured in this process with nothing else running.
+
+    vq: the one-thread OpenVINO VQ decode of one image, as the worker's VQ thread runs it
+    while rows are stepping. lm[c]: c image requests prefilled and stepped to their last
+    code together in one DecodeBatch on one Paddle thread (as the worker steps janus-tiny),
+    divided by c. Left out: the API process's and the prefill process's work, so the bound
+    cores / (vq + lm[c]) is one the server cannot reach, only approach.
+    """
+    import paddle
+
+    from model.cpu_engine import CpuVQDecoder
+    from model.generation import IMAGE_TOKENS, DecodeBatch, image_rngs
+    from model.loader import load_model
+    from model.processor import JanusProcessor
+    from server.engine.worker import limit_blas_threads, use_cpu_threads
+    from timing import median_seconds  # bench/timing.py
+
+    paddle.set_device("cpu")
+    limit_blas_threads()
+    use_cpu_threads(1)
+    model = load_model(model_path)
+    processor = JanusProcessor.from_folder(model_path)
+    prompt_ids = processor.encode_generation("a watercolor of a lighthouse")
+    decoder = CpuVQDecoder(model, single_thread_copy=True)
+    codes = np.random.default_rng(0).integers(0, model.config.gen_vision.codebook_size, (1, IMAGE_TOKENS))
+    cost = {"vq": median_seconds(lambda: decoder.decode(codes, single_thread=True), rounds), "lm": {}}
+    for c in concurrencies:
+        batch = DecodeBatch(model, slots=2 * c, max_len=len(prompt_ids) + IMAGE_TOKENS)
+
+        def images():
+            for key in range(c):
+                batch.add_images(key, prompt_ids, pad_id=processor.pad_id, n=1, rngs=image_rngs(key, 1)[1])
+            while len(batch):
+                batch.step()
+
+        cost["lm"][c] = median_seconds(images, rounds) / c
+    return cost
+
+
+def print_bound(args, levels: list[int], results: dict) -> None:
+    from model.hub import resolve_model
+
+    cores = len(os.sched_getaffinity(0))
+    cost = generation_cost(resolve_model(args.model, args.home, offline=True), levels)
+    lm = ", ".join(f"c={c} {cost['lm'][c]:.3f}" for c in levels)
+    print(f"\ngeneration bound on {cores} cores: an image costs a one-thread VQ decode of {cost['vq']:.3f} s "
+          f"and language-model steps of ({lm}) s, each measured alone")
+    base = results["batched", "generate", levels[0]]["images_per_s"]
+    for c in levels:
+        bound = cores / (cost["vq"] + cost["lm"][c])
+        measured = results["batched", "generate", c]["images_per_s"]
+        print(f"  generate   c={c:<3} at most {bound:6.3f} img/s, x{bound / base:5.2f} the measured c={levels[0]}; "
+              f"measured {measured:6.3f} img/s, {measured / bound:4.0%} of the bound", flush=True)
 
 
 def keys(kind: str) -> list[str]:
