@@ -80,6 +80,8 @@ PADDLENLP_FILES = (
     "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "image_preprocessor_config.json", "model_state.pdparams",
 )
+# A local PaddleNLP folder may hold its weights as shards instead (save_pretrained of a large model).
+PADDLENLP_WEIGHTS_INDEX = "model_state.pdparams.index.json"
 HF_FILES = (
     "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "preprocessor_config.json", "processor_config.json",
@@ -190,19 +192,28 @@ def is_complete(folder: Path, model_id: str) -> bool:
 def missing_files(folder: Path, source: str) -> list[str]:
     """Files of the given source's layout that are not in the folder."""
     if source == PADDLENLP:
-        return [n for n in PADDLENLP_FILES if not (folder / n).is_file()]
+        index = folder / PADDLENLP_WEIGHTS_INDEX
+        if not index.is_file():
+            return [n for n in PADDLENLP_FILES if not (folder / n).is_file()]
+        missing = [n for n in PADDLENLP_FILES if n != "model_state.pdparams" and not (folder / n).is_file()]
+        return missing + _missing_shards(folder, index)
     missing = [n for n in HF_FILES if not (folder / n).is_file()]
     for weights in HF_WEIGHTS:
         if not (folder / weights).is_file():
             continue
         if not weights.endswith(".index.json"):
             return missing
-        try:
-            shards = _shard_names((folder / weights).read_text())
-        except (OSError, ValueError) as exc:
-            return missing + [f"{weights} (unreadable: {exc})"]
-        return missing + [s for s in shards if not (folder / s).is_file()]
+        return missing + _missing_shards(folder, folder / weights)
     return missing + [HF_WEIGHTS_DESCRIPTION]
+
+
+def _missing_shards(folder: Path, index: Path) -> list[str]:
+    """The shard files `index` lists that are not in the folder (or the index itself, if unreadable)."""
+    try:
+        shards = _shard_names(index.read_text())
+    except (OSError, ValueError) as exc:
+        return [f"{index.name} (unreadable: {exc})"]
+    return [s for s in shards if not (folder / s).is_file()]
 
 
 def _checkpoint_folder(path: Path) -> Path:

@@ -56,6 +56,7 @@ _UNUSED = re.compile(
 _WEIGHT_FILES = (
     "model.safetensors.index.json",
     "model.safetensors",
+    "model_state.pdparams.index.json",
     "model_state.pdparams",
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
@@ -301,16 +302,24 @@ class _SafetensorsCheckpoint(_Checkpoint):
 
 
 class _PdparamsCheckpoint(_Checkpoint):
-    """A PaddleNLP model_state.pdparams: loaded whole by paddle.load, released tensor by tensor."""
+    """PaddleNLP's model_state.pdparams, or its shards (model_state-00001-of-0000N.pdparams, listed by
+    model_state.pdparams.index.json, as save_pretrained writes a large model): each file loaded whole
+    by paddle.load, then released tensor by tensor."""
 
-    def __init__(self, path: Path):
-        try:
-            state = paddle.load(str(path), return_numpy=True)
-        except Exception as exc:  # paddle.load raises pickle/EOF/ValueError/... for damaged files
-            raise CheckpointError(f"{path} cannot be read by paddle.load (damaged or truncated?): {exc}") from exc
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path} does not hold a state dict")
-        super().__init__(f"{path.name} (PaddleNLP layout)", paddle_layout=True)
+    def __init__(self, files: list[Path], description: str):
+        state: dict = {}
+        for path in files:
+            try:
+                part = paddle.load(str(path), return_numpy=True)
+            except Exception as exc:  # paddle.load raises pickle/EOF/ValueError/... for damaged files
+                raise CheckpointError(f"{path} cannot be read by paddle.load (damaged or truncated?): {exc}") from exc
+            if not isinstance(part, dict):
+                raise CheckpointError(f"{path} does not hold a state dict")
+            twice = sorted(set(part) & set(state))
+            if twice:
+                raise CheckpointError(f"{path.name} repeats tensors of another shard: {_listing(twice)}")
+            state.update(part)
+        super().__init__(f"{description} (PaddleNLP layout)", paddle_layout=True)
         self._state = state
         self._index(state)
 
@@ -444,8 +453,12 @@ def _open_checkpoint(folder: Path) -> _Checkpoint:
         return _SafetensorsCheckpoint(files, f"{index.name} ({len(files)} shards)")
     if (folder / "model.safetensors").is_file():
         return _SafetensorsCheckpoint([folder / "model.safetensors"], "model.safetensors")
+    index = folder / "model_state.pdparams.index.json"
+    if index.is_file():
+        files = _weight_map_files(index)
+        return _PdparamsCheckpoint(files, f"{index.name} ({len(files)} shards)")
     if (folder / "model_state.pdparams").is_file():
-        return _PdparamsCheckpoint(folder / "model_state.pdparams")
+        return _PdparamsCheckpoint([folder / "model_state.pdparams"], "model_state.pdparams")
     index = folder / "pytorch_model.bin.index.json"
     if index.is_file():
         files = _weight_map_files(index)

@@ -56,9 +56,11 @@ def write_sharded(dst: Path, shards: int = 3) -> Path:
     return dst
 
 
-def write_paddlenlp(dst: Path) -> Path:
+def write_paddlenlp(dst: Path, shards: int = 1) -> Path:
     """The golden weights as the PaddleNLP release stores them: model_state.pdparams with
-    language_model.llama.* keys and Linear weights as [in, out], plus image_preprocessor_config.json."""
+    language_model.llama.* keys and Linear weights as [in, out], plus image_preprocessor_config.json.
+    With `shards` > 1, as PaddleNLP's save_pretrained splits a large model: model_state-0000i-of-0000N.pdparams
+    files and a model_state.pdparams.index.json."""
     import paddle
 
     copy_side_files(dst)
@@ -68,7 +70,17 @@ def write_paddlenlp(dst: Path) -> Path:
         if array.ndim == 2 and name.endswith(".weight") and not name.endswith(EMBEDDINGS):
             array = np.ascontiguousarray(array.T)
         state[name.replace("language_model.model.", "language_model.llama.")] = paddle.to_tensor(array)
-    paddle.save(state, str(dst / "model_state.pdparams"))
+    if shards == 1:
+        paddle.save(state, str(dst / "model_state.pdparams"))
+        return dst
+    names = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        file_name = f"model_state-{i + 1:05d}-of-{shards:05d}.pdparams"
+        part = {name: state[name] for name in names[i::shards]}
+        paddle.save(part, str(dst / file_name))
+        weight_map.update({name: file_name for name in part})
+    (dst / "model_state.pdparams.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dst
 
 

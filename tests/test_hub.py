@@ -225,6 +225,26 @@ def test_offline_names_only_the_files_still_missing(server, tmp_path):
         "(Hugging Face files)." in str(error.value)
 
 
+def test_sharded_paddlenlp_weights_make_a_complete_cache(server, tmp_path):
+    folder = model_folder(JANUS, tmp_path)
+    folder.mkdir(parents=True)
+    for name, data in PADDLENLP_CHECKPOINT.items():
+        if name != "model_state.pdparams":
+            (folder / name).write_bytes(data)
+    shards = ["model_state-00001-of-00002.pdparams", "model_state-00002-of-00002.pdparams"]
+    (folder / "model_state.pdparams.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": shards[0], "b.weight": shards[1]}}))
+    (folder / shards[0]).write_bytes(b"shard")
+
+    with pytest.raises(ModelNotFoundError) as error:
+        resolve(server, tmp_path, offline=True)
+    assert f"Missing in {folder}: {shards[1]} (PaddleNLP files)" in str(error.value)
+
+    (folder / shards[1]).write_bytes(b"shard")
+    assert resolve(server, tmp_path, offline=True) == folder
+    assert not server.requests
+
+
 def test_complete_cache_touches_no_network(server, tmp_path):
     resolve(server, tmp_path)
     server.requests.clear()

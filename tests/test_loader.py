@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -107,6 +108,22 @@ def test_paddlenlp_layout_loads_the_same_model(tmp_path, reference, cases):
 
 def test_sharded_safetensors_load(tmp_path, reference):
     assert_same_parameters(load_model(checkpoints.write_sharded(tmp_path / "sharded")), reference)
+
+
+def test_sharded_pdparams_load(tmp_path, reference, caplog):
+    folder = checkpoints.write_paddlenlp(tmp_path / "paddlenlp", shards=3)
+    assert not (folder / "model_state.pdparams").exists()
+    with caplog.at_level(logging.INFO, logger="model.loader"):
+        model = load_model(folder)
+    assert_same_parameters(model, reference)
+    assert "model_state.pdparams.index.json (3 shards) (PaddleNLP layout)" in caplog.text
+
+
+def test_missing_pdparams_shard(tmp_path):
+    folder = checkpoints.write_paddlenlp(tmp_path / "model", shards=2)
+    (folder / "model_state-00002-of-00002.pdparams").unlink()
+    with pytest.raises(CheckpointError, match="lists shard files missing.*model_state-00002-of-00002.pdparams"):
+        load_model(folder)
 
 
 @pytest.mark.parametrize("bfloat16", [False, True])
