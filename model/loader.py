@@ -78,7 +78,7 @@ def load_model(folder: str | Path, dtype: str | None = None, device: str | None 
     config = JanusConfig.from_file(config_path)
     dtype = _resolve_dtype(dtype, device)
 
-    checkpoint = _open_checkpoint(folder)
+    checkpoint = _open_checkpoint(folder, config.language)
     shapes = checkpoint.shapes()
     try:
         config = config.with_checkpoint_shapes(shapes)
@@ -306,7 +306,7 @@ class _PdparamsCheckpoint(_Checkpoint):
     model_state.pdparams.index.json, as save_pretrained writes a large model): each file loaded whole
     by paddle.load, then released tensor by tensor."""
 
-    def __init__(self, files: list[Path], description: str):
+    def __init__(self, files: list[Path], description: str, language=None):
         state: dict = {}
         for path in files:
             try:
@@ -320,6 +320,8 @@ class _PdparamsCheckpoint(_Checkpoint):
                 raise CheckpointError(f"{path.name} repeats tensors of another shard: {_listing(twice)}")
             state.update(part)
         super().__init__(f"{description} (PaddleNLP layout)", paddle_layout=True)
+        if language is not None:
+            _split_paddlenlp_fused(state, language, description)
         self._state = state
         self._index(state)
 
@@ -335,6 +337,41 @@ class _PdparamsCheckpoint(_Checkpoint):
 
     def close(self) -> None:
         self._state.clear()
+
+
+def _split_paddlenlp_fused(state: dict, language, description: str) -> None:
+    """PaddleNLP's fused projections (config fuse_attention_qkv / fuse_attention_ffn) as the separate
+    q/k/v and gate/up weights of the HF names, in place. Both are [in, out] in the Paddle layout.
+
+    qkv_proj's columns run per key/value head: that head's queries (num_attention_heads /
+    num_key_value_heads of them), then its key, then its value, head_dim columns each (PaddleNLP's
+    LlamaAttention reshapes to [kv_heads, (groups + 2) * head_dim] and splits). gate_up_fused_proj's
+    columns are gate, then up (its swiglu chunks the output in two).
+    """
+    heads, kv_heads, head_dim = language.num_attention_heads, language.num_key_value_heads, language.head_dim
+    groups = heads // kv_heads
+    for key in [k for k in state if k.endswith((".self_attn.qkv_proj.weight", ".mlp.gate_up_fused_proj.weight"))]:
+        fused = np.asarray(state[key])
+        if fused.ndim != 2:
+            raise CheckpointError(f"{description}: {key} has shape {list(fused.shape)}, not [in, out]")
+        rows, cols = fused.shape
+        if key.endswith(".qkv_proj.weight"):
+            if cols != (heads + 2 * kv_heads) * head_dim:
+                raise CheckpointError(
+                    f"{description}: {key} has {cols} output columns; the config's {heads} heads and {kv_heads} "
+                    f"key/value heads of {head_dim} need {(heads + 2 * kv_heads) * head_dim}")
+            per_head = fused.reshape(rows, kv_heads, groups + 2, head_dim)
+            base = key[: -len("qkv_proj.weight")]
+            parts = {"q_proj": per_head[:, :, :groups], "k_proj": per_head[:, :, groups], "v_proj": per_head[:, :, groups + 1]}
+            parts = {name: part.reshape(rows, -1) for name, part in parts.items()}
+        else:
+            if cols % 2:
+                raise CheckpointError(f"{description}: {key} has an odd number of output columns ({cols})")
+            base = key[: -len("gate_up_fused_proj.weight")]
+            parts = {"gate_proj": fused[:, : cols // 2], "up_proj": fused[:, cols // 2:]}
+        del state[key]
+        for name, part in parts.items():
+            state[f"{base}{name}.weight"] = part
 
 
 class _TorchStorage:
@@ -445,8 +482,9 @@ def _weight_map_files(index: Path) -> list[Path]:
     return files
 
 
-def _open_checkpoint(folder: Path) -> _Checkpoint:
-    """The first weights found, in the order of _WEIGHT_FILES."""
+def _open_checkpoint(folder: Path, language=None) -> _Checkpoint:
+    """The first weights found, in the order of _WEIGHT_FILES. `language`: the LlamaConfig, to split
+    PaddleNLP's fused projections."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = _weight_map_files(index)
@@ -456,9 +494,9 @@ def _open_checkpoint(folder: Path) -> _Checkpoint:
     index = folder / "model_state.pdparams.index.json"
     if index.is_file():
         files = _weight_map_files(index)
-        return _PdparamsCheckpoint(files, f"{index.name} ({len(files)} shards)")
+        return _PdparamsCheckpoint(files, f"{index.name} ({len(files)} shards)", language)
     if (folder / "model_state.pdparams").is_file():
-        return _PdparamsCheckpoint([folder / "model_state.pdparams"], "model_state.pdparams")
+        return _PdparamsCheckpoint([folder / "model_state.pdparams"], "model_state.pdparams", language)
     index = folder / "pytorch_model.bin.index.json"
     if index.is_file():
         files = _weight_map_files(index)

@@ -56,20 +56,40 @@ def write_sharded(dst: Path, shards: int = 3) -> Path:
     return dst
 
 
-def write_paddlenlp(dst: Path, shards: int = 1) -> Path:
+def fuse_paddlenlp_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_heads: int) -> np.ndarray:
+    """[in, out] q/k/v weights as one PaddleNLP qkv_proj weight (fuse_attention_qkv): per key/value
+    head, its group of query heads, then its key, then its value."""
+    rows = q.shape[0]
+    grouped = [w.reshape(rows, kv_heads, -1) for w in (q, k, v)]
+    return np.concatenate(grouped, axis=2).reshape(rows, -1)
+
+
+def write_paddlenlp(dst: Path, shards: int = 1, fused: bool = False) -> Path:
     """The golden weights as the PaddleNLP release stores them: model_state.pdparams with
     language_model.llama.* keys and Linear weights as [in, out], plus image_preprocessor_config.json.
     With `shards` > 1, as PaddleNLP's save_pretrained splits a large model: model_state-0000i-of-0000N.pdparams
-    files and a model_state.pdparams.index.json."""
+    files and a model_state.pdparams.index.json. With `fused`, as a config with fuse_attention_qkv and
+    fuse_attention_ffn saves them: qkv_proj and gate_up_fused_proj instead of q/k/v and gate/up."""
     import paddle
 
     copy_side_files(dst)
     shutil.copy(GOLDEN / "preprocessor_config.json", dst / "image_preprocessor_config.json")
-    state = {}
+    arrays = {}
     for name, array in golden_tensors().items():
         if array.ndim == 2 and name.endswith(".weight") and not name.endswith(EMBEDDINGS):
             array = np.ascontiguousarray(array.T)
-        state[name.replace("language_model.model.", "language_model.llama.")] = paddle.to_tensor(array)
+        arrays[name.replace("language_model.model.", "language_model.llama.")] = array
+    if fused:
+        kv_heads = json.loads((GOLDEN / "config.json").read_text())["language_config"]["num_key_value_heads"]
+        for name in [n for n in arrays if n.endswith("self_attn.q_proj.weight")]:
+            base = name[: -len("q_proj.weight")]
+            q, k, v = (arrays.pop(f"{base}{p}_proj.weight") for p in "qkv")
+            arrays[f"{base}qkv_proj.weight"] = fuse_paddlenlp_qkv(q, k, v, kv_heads)
+        for name in [n for n in arrays if n.endswith("mlp.gate_proj.weight")]:
+            base = name[: -len("gate_proj.weight")]
+            gate, up = arrays.pop(f"{base}gate_proj.weight"), arrays.pop(f"{base}up_proj.weight")
+            arrays[f"{base}gate_up_fused_proj.weight"] = np.concatenate([gate, up], axis=1)
+    state = {name: paddle.to_tensor(array) for name, array in arrays.items()}
     if shards == 1:
         paddle.save(state, str(dst / "model_state.pdparams"))
         return dst

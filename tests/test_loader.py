@@ -1,6 +1,7 @@
 """Config reading and the checkpoint loader: both release layouts, shards, dtypes, and clear failures."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from model.config import ConfigError, JanusConfig, expected_hf_shapes
-from model.loader import CheckpointError, load_model
+from model.loader import CheckpointError, _split_paddlenlp_fused, load_model
 import checkpoints
 from checkpoints import GOLDEN
 
@@ -104,6 +105,51 @@ def test_paddlenlp_layout_loads_the_same_model(tmp_path, reference, cases):
     cache = model.new_cache(1, embeds.shape[1])
     logits = model.text_logits(model.forward_hidden(embeds, cache, [0], [0])).numpy()
     np.testing.assert_allclose(logits, cases["understanding.conv1.prefill_logits"], rtol=0, atol=1e-4)
+
+
+def test_paddlenlp_fused_projections_load_the_same_model(tmp_path, reference, cases):
+    folder = checkpoints.write_paddlenlp(tmp_path / "fused", fused=True)
+    model = load_model(folder)
+    assert_same_parameters(model, reference)
+    embeds = cases["understanding.conv1.inputs_embeds"]
+    cache = model.new_cache(1, embeds.shape[1])
+    logits = model.text_logits(model.forward_hidden(embeds, cache, [0], [0])).numpy()
+    np.testing.assert_allclose(logits, cases["understanding.conv1.prefill_logits"], rtol=0, atol=1e-4)
+
+
+def test_paddlenlp_fused_qkv_split_with_grouped_key_value_heads():
+    """As PaddleNLP's LlamaAttention computes q, k and v from a fused qkv_proj: reshape the product to
+    [kv_heads, (groups + 2) * head_dim], split it [groups * head_dim, head_dim, head_dim]."""
+    heads, kv_heads, head_dim, hidden = 8, 2, 4, 32
+    language = JanusConfig.from_file(GOLDEN / "config.json").language
+    language = dataclasses.replace(language, hidden_size=heads * head_dim, num_attention_heads=heads,
+                                   num_key_value_heads=kv_heads)
+    rng = np.random.default_rng(0)
+    fused = rng.standard_normal((hidden, (heads + 2 * kv_heads) * head_dim)).astype(np.float32)
+    gate_up = rng.standard_normal((hidden, 2 * 48)).astype(np.float32)
+    state = {"l.0.self_attn.qkv_proj.weight": fused, "l.0.mlp.gate_up_fused_proj.weight": gate_up}
+    _split_paddlenlp_fused(state, language, "test")
+
+    x = rng.standard_normal((3, hidden)).astype(np.float32)
+    mix = (x @ fused).reshape(3, kv_heads, (heads // kv_heads + 2) * head_dim)
+    q, k, v = np.split(mix, [heads // kv_heads * head_dim, (heads // kv_heads + 1) * head_dim], axis=-1)
+    np.testing.assert_array_equal(x @ state["l.0.self_attn.q_proj.weight"], q.reshape(3, heads * head_dim))
+    np.testing.assert_array_equal(x @ state["l.0.self_attn.k_proj.weight"], k.reshape(3, kv_heads * head_dim))
+    np.testing.assert_array_equal(x @ state["l.0.self_attn.v_proj.weight"], v.reshape(3, kv_heads * head_dim))
+    gate, up = np.split(x @ gate_up, 2, axis=-1)
+    np.testing.assert_array_equal(x @ state["l.0.mlp.gate_proj.weight"], gate)
+    np.testing.assert_array_equal(x @ state["l.0.mlp.up_proj.weight"], up)
+    assert sorted(state) == sorted(f"l.0.{n}.weight" for n in
+                                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"))
+
+
+def test_paddlenlp_fused_qkv_of_the_wrong_width(tmp_path):
+    folder = checkpoints.write_paddlenlp(tmp_path / "fused", fused=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["language_config"]["num_key_value_heads"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"qkv_proj.weight has 192 output columns; .* need 128"):
+        load_model(folder)
 
 
 def test_sharded_safetensors_load(tmp_path, reference):
