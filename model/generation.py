@@ -24,6 +24,20 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy (argmax)
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence of the token
+
+
+def penalize(logits: np.ndarray, generated: list[int], params: SamplingParams) -> np.ndarray:
+    """OpenAI's presence and frequency penalties over the tokens generated so far (not the prompt's):
+    logit[t] - count[t] * frequency_penalty - (count[t] > 0) * presence_penalty. The logits as they
+    are when both penalties are 0 or nothing has been generated yet."""
+    if not generated or (params.presence_penalty == 0 and params.frequency_penalty == 0):
+        return logits
+    tokens, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
+    out = logits.astype(np.float32, copy=True)
+    out[tokens] -= (counts * params.frequency_penalty + params.presence_penalty).astype(np.float32)
+    return out
 
 
 def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> int:
@@ -292,7 +306,7 @@ class DecodeBatch:
         return self.forward_hidden(embeds, self.cache, np.asarray(slots, np.int64), np.asarray(starts, np.int64))
 
     def _accept_text(self, seq: TextSequence, logits: np.ndarray) -> list[StepEvent]:
-        token = sample_token(logits, seq.params, seq.rng)
+        token = sample_token(penalize(logits, seq.generated, seq.params), seq.params, seq.rng)
         seq.generated.append(token)
         events = [StepEvent(seq.key, "token", token=token)]
         if token == seq.eos_id:

@@ -19,6 +19,10 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
 
 STOP_DOC = "A string or up to 4 strings; generation ends before the first of them and the text excludes it."
 SEED_DOC = "Seed of the sampler; the same seed and parameters give the same output. Absent: random."
+PRESENCE_PENALTY_DOC = ("Subtracted from the logit of every token the answer already holds (as OpenAI defines it; "
+                        "the prompt does not count). Default 0.")
+FREQUENCY_PENALTY_DOC = ("Subtracted from a token's logit once per time the answer already holds it (as OpenAI "
+                         "defines it). Default 0.")
 
 
 class ErrorDetail(BaseModel):
@@ -75,6 +79,8 @@ class UnderstandBody(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy decoding, like the reference code.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1 is off.")
     top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 is off.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description=PRESENCE_PENALTY_DOC)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description=FREQUENCY_PENALTY_DOC)
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description=SEED_DOC)
     stop: Stop = Field(None, description=STOP_DOC)
     stream: bool = Field(False, description="Answer with Server-Sent Events: text pieces, then a final event.")
@@ -175,10 +181,22 @@ class ChatCompletionRequest(BaseModel):
     top_k: int | None = Field(None, ge=0, description="Extension: sample among the k most likely tokens; 0 is off.")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description=SEED_DOC)
     stop: Stop = Field(None, description=STOP_DOC)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description=PRESENCE_PENALTY_DOC)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description=FREQUENCY_PENALTY_DOC)
     n: int | None = Field(None, ge=1, description="Only 1 is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = Field(None, description="Not supported: true is refused.")
+    # Fields that would change what the answer is; refused rather than ignored.
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: a non-empty map is refused.")
+    response_format: dict[str, Any] | None = Field(
+        None, description='Only {"type": "text"}: Janus has no JSON or schema mode; other types are refused.')
+    tools: list[dict[str, Any]] | None = Field(
+        None, description='Not supported: tools are refused unless tool_choice is "none".')
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = Field(
+        None, description='Not supported (legacy tools): refused unless function_call is "none".')
+    function_call: str | dict[str, Any] | None = None
 
 
 class AssistantMessage(BaseModel):

@@ -367,6 +367,8 @@ async def understand(request: Request) -> Response:
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
         seed=body.seed,
         stop=stop_list(body.stop),
         timeout=settings.request_timeout,

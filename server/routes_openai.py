@@ -121,6 +121,22 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     return model_card(request, served_model_ids(request)[0])
 
 
+def refuse_unsupported_answer_shapes(body: ChatCompletionRequest) -> None:
+    """400 for the OpenAI fields this server cannot honour and that would change what the answer is
+    (ignoring them would return something else than what was asked for)."""
+    if body.logit_bias:
+        raise APIError(400, "logit_bias: not supported by this server.", code="invalid_value", param="logit_bias")
+    answer_type = (body.response_format or {}).get("type", "text")
+    if answer_type != "text":
+        raise APIError(400, f"response_format: type {answer_type!r} is not supported; Janus answers in plain text "
+                       'only (leave response_format out or send {"type": "text"}).',
+                       code="invalid_value", param="response_format")
+    for tools, choice, name in ((body.tools, body.tool_choice, "tools"), (body.functions, body.function_call, "functions")):
+        if tools and choice != "none":
+            raise APIError(400, f"{name}: function calling is not supported by this server.",
+                           code="invalid_value", param=name)
+
+
 @router.post(
     "/chat/completions",
     dependencies=[Depends(require_json_body)],
@@ -135,6 +151,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         raise APIError(400, "n: only n=1 is supported; send separate requests.", code="invalid_value", param="n")
     if body.logprobs:
         raise APIError(400, "logprobs: not supported by this server.", code="invalid_value", param="logprobs")
+    refuse_unsupported_answer_shapes(body)
     messages, references, system_prompt = translate_messages(body.messages, settings)
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_new_tokens = body.max_completion_tokens or body.max_tokens
@@ -146,6 +163,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
         seed=body.seed,
         stop=stop_list(body.stop),
         timeout=settings.request_timeout,

@@ -50,6 +50,47 @@ def test_chat_with_an_image_equals_the_native_route(sdk, client, golden_png):
     assert completion.usage.total_tokens == native["usage"]["total_tokens"]
 
 
+def test_chat_penalties_reach_the_engine_as_on_the_native_route(sdk, client, golden_png):
+    def chat(**penalties):
+        return sdk.chat.completions.create(
+            model=MODEL_ID, messages=[image_message(data_url(golden_png), "What is shown?")], max_tokens=16,
+            temperature=0, **penalties,
+        ).choices[0].message.content
+
+    # Negative: the tiny model's greedy answer barely repeats itself, so only a reward for repeating shows.
+    penalized = chat(presence_penalty=-2.0, frequency_penalty=-1.0)
+    native = client.post("/understand", json={"image": data_url(golden_png), "question": "What is shown?",
+                                              "max_new_tokens": 16, "presence_penalty": -2.0,
+                                              "frequency_penalty": -1.0}).json()
+    assert penalized == native["text"]
+    assert penalized != chat()
+    assert chat(presence_penalty=0, frequency_penalty=0) == chat()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]),
+    ("functions", [{"name": "lookup", "parameters": {"type": "object"}}]),
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+    ("logit_bias", {"42": 5}),
+])
+def test_chat_refuses_what_would_change_the_answer_it_cannot_give(sdk, field, value):
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                    **{field: value})
+    assert refused.value.param == field
+    assert "not supported" in refused.value.message
+
+
+def test_chat_accepts_the_harmless_forms_of_those_fields(sdk):
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    for options in ({"tools": [tool], "tool_choice": "none"}, {"response_format": {"type": "text"}},
+                    {"logit_bias": {}}, {"tools": []}):
+        completion = sdk.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=2, **options)
+        assert completion.choices[0].finish_reason in ("stop", "length")
+
+
 def test_chat_system_and_multi_turn_messages_reach_the_engine(server, sdk):
     messages = [
         {"role": "system", "content": "You answer in one word."},

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model.generation import (
-    DecodeBatch, SamplingParams, cfg_prompt_rows, generate_images, generate_text, image_rngs, sample_token,
+    DecodeBatch, SamplingParams, cfg_prompt_rows, generate_images, generate_text, image_rngs, penalize, sample_token,
 )
 from model.loader import load_model
 
@@ -113,6 +113,39 @@ def test_sample_token_filters():
     assert drawn == {1}
     low_temperature = {sample_token(logits, SamplingParams(0.01), rng) for _ in range(50)}
     assert low_temperature == {1}
+
+
+def test_penalize_follows_openais_definition():
+    logits = np.zeros(6, np.float32)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    np.testing.assert_array_equal(penalize(logits, [2, 5, 2], params), [0, 0, -1.0, 0, 0, -0.75])
+    np.testing.assert_array_equal(penalize(logits, [3], SamplingParams(presence_penalty=-1.0)), [0, 0, 0, 1.0, 0, 0])
+    assert penalize(logits, [2, 5], SamplingParams()) is logits
+    assert penalize(logits, [], params) is logits
+    assert not logits.any()  # never changed in place
+
+
+def test_penalties_steer_greedy_understanding_step_by_step(model, golden):
+    """Greedy decoding with both penalties, against a reference that re-runs the whole prompt plus the
+    answer so far at each step (no cache) and applies OpenAI's formula to its last logits itself."""
+    arrays, cases = golden
+    eos = cases["special_token_ids"]["eos_token_id"]
+    inputs = understanding_inputs(arrays, "conv1")
+    params = SamplingParams(presence_penalty=0.4, frequency_penalty=0.8)
+    (penalized,) = generate_text(model, [inputs], eos_id=eos, params=params, max_new_tokens=12)
+    (plain,) = generate_text(model, [inputs], eos_id=eos, max_new_tokens=12)
+    assert penalized != plain
+
+    expected = []
+    while len(expected) < 12 and eos not in expected:
+        ids = np.concatenate([inputs["input_ids"], np.asarray(expected, np.int64)]).astype(np.int64)
+        mask = np.concatenate([inputs["image_mask"], np.zeros(len(expected), bool)])
+        fresh = DecodeBatch(model, slots=1, max_len=len(ids))
+        logits = fresh.prefill_text(0, ids, image_mask=mask, pixel_values=inputs["pixel_values"]).astype(np.float64)
+        tokens, counts = np.unique(np.asarray(expected, np.int64), return_counts=True)
+        logits[tokens] -= counts * params.frequency_penalty + params.presence_penalty
+        expected.append(int(np.argmax(logits)))
+    assert penalized == expected
 
 
 def test_cache_rows_are_freed_and_too_long_requests_refused(model, golden):

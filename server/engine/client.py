@@ -303,7 +303,8 @@ class EngineClient:
         payload = {
             "input_ids": encoded.input_ids, "image_mask": encoded.image_mask,
             "pixel_values": encoded.pixel_values, "temperature": req.temperature, "top_k": req.top_k,
-            "top_p": req.top_p, "seed": req.seed, "max_new_tokens": req.max_new_tokens,
+            "top_p": req.top_p, "presence_penalty": req.presence_penalty,
+            "frequency_penalty": req.frequency_penalty, "seed": req.seed, "max_new_tokens": req.max_new_tokens,
         }
         request = self._enqueue(req.request_id, "understand", payload, rows=1, timeout=req.timeout)
         decoder = StopStringDecoder(self._processor, req.stop)

@@ -35,6 +35,8 @@ class UnderstandRequest:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    presence_penalty: float = 0.0  # OpenAI's, over the generated tokens
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = dataclasses.field(default_factory=list)
     timeout: float | None = None  # seconds, queue + run; None: the engine's setting

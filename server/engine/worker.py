@@ -631,7 +631,8 @@ class Scheduler:
 def sampling(payload: dict[str, Any]):
     from model.generation import SamplingParams
 
-    return SamplingParams(payload["temperature"], payload["top_k"], payload["top_p"])
+    return SamplingParams(payload["temperature"], payload["top_k"], payload["top_p"],
+                          payload.get("presence_penalty", 0.0), payload.get("frequency_penalty", 0.0))
 
 
 def error_detail(error: BaseException) -> str:
