@@ -211,12 +211,18 @@ def test_offline_without_cache_explains_what_is_missing(server, tmp_path, monkey
     assert not server.requests
 
 
-def test_offline_names_only_the_files_still_missing(server, tmp_path):
-    folder = model_folder(JANUS, tmp_path)
+def cache_without(home: Path, checkpoint: dict[str, bytes], left_out: str) -> Path:
+    """The model's cache folder holding every file of `checkpoint` but `left_out`."""
+    folder = model_folder(JANUS, home)
     folder.mkdir(parents=True)
-    for name, data in HF_CHECKPOINT.items():
-        if name != "model.safetensors":
+    for name, data in checkpoint.items():
+        if name != left_out:
             (folder / name).write_bytes(data)
+    return folder
+
+
+def test_offline_names_only_the_files_still_missing(server, tmp_path):
+    cache_without(tmp_path, HF_CHECKPOINT, "model.safetensors")
 
     with pytest.raises(ModelNotFoundError) as error:
         resolve(server, tmp_path, offline=True)
@@ -226,11 +232,7 @@ def test_offline_names_only_the_files_still_missing(server, tmp_path):
 
 
 def test_sharded_paddlenlp_weights_make_a_complete_cache(server, tmp_path):
-    folder = model_folder(JANUS, tmp_path)
-    folder.mkdir(parents=True)
-    for name, data in PADDLENLP_CHECKPOINT.items():
-        if name != "model_state.pdparams":
-            (folder / name).write_bytes(data)
+    folder = cache_without(tmp_path, PADDLENLP_CHECKPOINT, "model_state.pdparams")
     shards = ["model_state-00001-of-00002.pdparams", "model_state-00002-of-00002.pdparams"]
     (folder / "model_state.pdparams.index.json").write_text(
         json.dumps({"weight_map": {"a.weight": shards[0], "b.weight": shards[1]}}))

@@ -97,18 +97,10 @@ def test_expected_shapes_are_the_golden_tensors_minus_the_unused_ones():
     assert unused == ["attn_pool", "encoder", "quant_conv", "quantize"]
 
 
-def test_paddlenlp_layout_loads_the_same_model(tmp_path, reference, cases):
-    folder = checkpoints.write_paddlenlp(tmp_path / "paddlenlp")
-    model = load_model(folder)
-    assert_same_parameters(model, reference)
-    embeds = cases["understanding.conv1.inputs_embeds"]
-    cache = model.new_cache(1, embeds.shape[1])
-    logits = model.text_logits(model.forward_hidden(embeds, cache, [0], [0])).numpy()
-    np.testing.assert_allclose(logits, cases["understanding.conv1.prefill_logits"], rtol=0, atol=1e-4)
-
-
-def test_paddlenlp_fused_projections_load_the_same_model(tmp_path, reference, cases):
-    folder = checkpoints.write_paddlenlp(tmp_path / "fused", fused=True)
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_paddlenlp_layout_loads_the_same_model(tmp_path, reference, cases, fused):
+    """fused: as a config with fuse_attention_qkv and fuse_attention_ffn saves the projections."""
+    folder = checkpoints.write_paddlenlp(tmp_path / "paddlenlp", fused=fused)
     model = load_model(folder)
     assert_same_parameters(model, reference)
     embeds = cases["understanding.conv1.inputs_embeds"]
