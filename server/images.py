@@ -1,4 +1,4 @@
-"""Decoding and checking uploaded images, and encoding generated ones as PNG.
+"""Decoding and checking uploaded images, and encoding generated ones (PNG, or JPEG / WEBP on request).
 
 Every failure is an APIError 400 naming the field (`param`) that held the image.
 """
@@ -156,11 +156,18 @@ async def load_images(references: list[tuple[str, str | bytes]], settings: Setti
     return [await load_image(reference, settings, param) for param, reference in references]
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
+def image_bytes(pixels: np.ndarray, image_format: str = "png", quality: int = 100) -> bytes:
+    """An RGB uint8 image as a PNG, or as a JPEG or WEBP file of `quality` (0-100, PIL's scale)."""
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
+    options = {} if image_format == "png" else {"quality": quality}
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format=image_format.upper(), **options)
     return buffer.getvalue()
 
 
-async def encode_pngs_base64(images: list[np.ndarray]) -> list[str]:
-    return await run_in_threadpool(lambda: [base64.b64encode(png_bytes(image)).decode("ascii") for image in images])
+def png_bytes(pixels: np.ndarray) -> bytes:
+    return image_bytes(pixels)
+
+
+async def encode_images_base64(images: list[np.ndarray], image_format: str = "png", quality: int = 100) -> list[str]:
+    return await run_in_threadpool(
+        lambda: [base64.b64encode(image_bytes(image, image_format, quality)).decode("ascii") for image in images])

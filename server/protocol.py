@@ -257,6 +257,11 @@ class ImageGenerationRequest(BaseModel):
     response_format: Literal["b64_json", "url"] | None = Field(
         None, description="Only b64_json (the default): this server does not host images."
     )
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="Default png.")
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="jpeg and webp only: their quality, 0-100 (default 100).")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="Janus draws opaque images: transparent is refused.")
     guidance_scale: float | None = Field(None, ge=0, le=20, description="Extension: CFG weight, default 5.")
     temperature: float | None = Field(None, ge=0, le=2, description="Extension: default 1; 0 is greedy.")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Extension: seed of the first image.")

@@ -30,7 +30,7 @@ from server.engine.types import (
     UnderstandResult,
 )
 from server.errors import APIError, ClientDisconnected, engine_error_parts, internal_error_body, validation_error
-from server.images import encode_pngs_base64, load_images, png_bytes
+from server.images import encode_images_base64, load_images, png_bytes
 from server.metrics import ServerMetrics
 from server.protocol import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -322,8 +322,9 @@ def timings_body(result: UnderstandResult | GenerateResult) -> Timings:
     return Timings(**result.timings.as_dict())
 
 
-async def generated_images(result: GenerateResult) -> list[GeneratedImage]:
-    encoded = await encode_pngs_base64(result.images)
+async def generated_images(result: GenerateResult, image_format: str = "png",
+                           quality: int = 100) -> list[GeneratedImage]:
+    encoded = await encode_images_base64(result.images, image_format, quality)
     return [GeneratedImage(b64_json=b64, seed=seed) for b64, seed in zip(encoded, result.seeds)]
 
 

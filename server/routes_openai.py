@@ -235,6 +235,14 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Respo
             400, "response_format: url is not supported (this server keeps no images); use b64_json.",
             code="invalid_value", param="response_format",
         )
+    image_format = body.output_format or "png"
+    if body.output_compression is not None and image_format == "png":
+        raise APIError(400, "output_compression: applies to output_format jpeg or webp only; PNG is lossless.",
+                       code="invalid_value", param="output_compression")
+    quality = 100 if body.output_compression is None else body.output_compression
+    if body.background == "transparent":
+        raise APIError(400, "background: Janus draws opaque images; send opaque or auto, or leave it out.",
+                       code="invalid_value", param="background")
     options = {"cfg_weight": body.guidance_scale, "temperature": body.temperature, "seed": body.seed}
     engine_request = GenerateRequest(
         prompt=body.prompt,
@@ -245,6 +253,7 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Respo
     )
     result = await generate_once(request, engine_request)
     images = [
-        ImageObject(b64_json=image.b64_json, seed=image.seed) for image in await generated_images(result)
+        ImageObject(b64_json=image.b64_json, seed=image.seed)
+        for image in await generated_images(result, image_format, quality)
     ]
     return JSONResponse(ImagesResponse(created=int(time.time()), data=images).model_dump(exclude_none=True))

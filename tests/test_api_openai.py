@@ -157,6 +157,35 @@ def test_images_generate_equals_native_generate(sdk, generated):
     assert np.array_equal(np.asarray(drawn), np.asarray(native))
 
 
+@pytest.mark.parametrize("image_format", ["jpeg", "webp"])
+def test_images_in_jpeg_or_webp_are_the_png_image_compressed(sdk, generated, image_format):
+    image = generated["images"][1]
+    native = np.asarray(rgb(base64.b64decode(image["b64_json"])), np.int16)
+    sizes = {}
+    for quality in (95, 30):
+        result = sdk.images.generate(prompt=GENERATE_PROMPT, n=1, output_format=image_format, output_compression=quality,
+                                     extra_body={"seed": image["seed"], "guidance_scale": 5.0})
+        data = base64.b64decode(result.data[0].b64_json)
+        drawn = Image.open(io.BytesIO(data))
+        assert drawn.format == image_format.upper() and drawn.size == (384, 384)
+        error = np.abs(np.asarray(drawn.convert("RGB"), np.int16) - native).mean()
+        assert 0 < error < (12 if quality == 95 else 40)
+        sizes[quality] = len(data)
+    assert sizes[30] < sizes[95]
+
+
+@pytest.mark.parametrize("options, param", [
+    ({"output_compression": 50}, "output_compression"),
+    ({"output_format": "png", "output_compression": 50}, "output_compression"),
+    ({"background": "transparent"}, "background"),
+    ({"output_format": "gif"}, "output_format"),
+])
+def test_images_refuse_formats_and_backgrounds_they_cannot_give(sdk, options, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.images.generate(prompt="x", **options)
+    assert refused.value.param == param
+
+
 def test_sdk_raises_the_matching_errors(server, sdk):
     with pytest.raises(openai.NotFoundError) as not_found:
         sdk.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
