@@ -197,6 +197,7 @@ class ChatCompletionRequest(BaseModel):
     functions: list[dict[str, Any]] | None = Field(
         None, description='Not supported (legacy tools): refused unless function_call is "none".')
     function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = Field(None, description='Only ["text"]: Janus does not speak; audio is refused.')
 
 
 class AssistantMessage(BaseModel):

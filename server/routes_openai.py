@@ -131,6 +131,10 @@ def refuse_unsupported_answer_shapes(body: ChatCompletionRequest) -> None:
         raise APIError(400, f"response_format: type {answer_type!r} is not supported; Janus answers in plain text "
                        'only (leave response_format out or send {"type": "text"}).',
                        code="invalid_value", param="response_format")
+    spoken = [modality for modality in body.modalities or [] if modality != "text"]
+    if spoken:
+        raise APIError(400, f"modalities: {spoken[0]!r} is not supported; Janus answers in text only.",
+                       code="invalid_value", param="modalities")
     for tools, choice, name in ((body.tools, body.tool_choice, "tools"), (body.functions, body.function_call, "functions")):
         if tools and choice != "none":
             raise APIError(400, f"{name}: function calling is not supported by this server.",

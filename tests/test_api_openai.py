@@ -73,6 +73,7 @@ def test_chat_penalties_reach_the_engine_as_on_the_native_route(sdk, client, gol
     ("response_format", {"type": "json_object"}),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
     ("logit_bias", {"42": 5}),
+    ("modalities", ["text", "audio"]),
 ])
 def test_chat_refuses_what_would_change_the_answer_it_cannot_give(sdk, field, value):
     with pytest.raises(openai.BadRequestError) as refused:
@@ -85,7 +86,7 @@ def test_chat_refuses_what_would_change_the_answer_it_cannot_give(sdk, field, va
 def test_chat_accepts_the_harmless_forms_of_those_fields(sdk):
     tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
     for options in ({"tools": [tool], "tool_choice": "none"}, {"response_format": {"type": "text"}},
-                    {"logit_bias": {}}, {"tools": []}):
+                    {"logit_bias": {}}, {"tools": []}, {"modalities": ["text"]}):
         completion = sdk.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
                                                  max_tokens=2, **options)
         assert completion.choices[0].finish_reason in ("stop", "length")
