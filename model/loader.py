@@ -362,8 +362,9 @@ def _split_paddlenlp_fused(state: dict, language, description: str) -> None:
                     f"key/value heads of {head_dim} need {(heads + 2 * kv_heads) * head_dim}")
             per_head = fused.reshape(rows, kv_heads, groups + 2, head_dim)
             base = key[: -len("qkv_proj.weight")]
-            parts = {"q_proj": per_head[:, :, :groups], "k_proj": per_head[:, :, groups], "v_proj": per_head[:, :, groups + 1]}
-            parts = {name: part.reshape(rows, -1) for name, part in parts.items()}
+            columns = {"q_proj": per_head[:, :, :groups], "k_proj": per_head[:, :, groups],
+                       "v_proj": per_head[:, :, groups + 1]}
+            parts = {name: part.reshape(rows, -1) for name, part in columns.items()}
         else:
             if cols % 2:
                 raise CheckpointError(f"{description}: {key} has an odd number of output columns ({cols})")
