@@ -78,7 +78,8 @@ def load_model(folder: str | Path, dtype: str | None = None, device: str | None 
     config = JanusConfig.from_file(config_path)
     dtype = _resolve_dtype(dtype, device)
 
-    checkpoint = _open_checkpoint(folder, config.language)
+    checkpoint = _open_checkpoint(folder)
+    checkpoint.split_fused(config.language)
     shapes = checkpoint.shapes()
     try:
         config = config.with_checkpoint_shapes(shapes)
@@ -206,13 +207,15 @@ def _resolve_dtype(dtype: str | None, device: str | None) -> str:
 
 
 class _Checkpoint:
-    """Tensors of one checkpoint by HF name. Subclasses give shapes(), read(key) -> float32 array in the
-    stored layout, and close()."""
+    """Tensors of one checkpoint by HF name. Subclasses give _stored_shapes(), _read(key) -> float32 array in
+    the stored layout, and close(); shapes() and read() add the parts of fused projections (split_fused)."""
 
     def __init__(self, description: str, paddle_layout: bool):
         self.description = description
         self.paddle_layout = paddle_layout
         self._stored: dict[str, str] = {}  # HF name -> name in the file
+        self._parts: dict[str, tuple[str, np.ndarray]] = {}  # part's HF name -> (fused HF name, its columns)
+        self._held: dict[str, list] = {}  # fused HF name -> [array, parts not read yet]
 
     def _index(self, stored_names) -> None:
         for stored in stored_names:
@@ -224,6 +227,36 @@ class _Checkpoint:
 
     def stored_name(self, key: str) -> str:
         return self._stored.get(key, key)
+
+    def split_fused(self, language) -> None:
+        """Read a Paddle-layout checkpoint's fused projections (PaddleNLP's fuse_attention_qkv /
+        fuse_attention_ffn) as the separate q/k/v and gate/up weights of the HF names."""
+        if not self.paddle_layout:
+            return
+        for key, shape in self._stored_shapes().items():
+            where = f"{self.description}: {self.stored_name(key)}"
+            for part, columns in _fused_columns(key, shape, language, where).items():
+                self._parts[part] = (key, columns)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = self._stored_shapes()
+        for part, (fused, columns) in self._parts.items():
+            shapes[part] = (shapes[fused][0], len(columns))
+        for fused, _ in self._parts.values():
+            shapes.pop(fused, None)
+        return shapes
+
+    def read(self, key: str) -> np.ndarray:
+        if key not in self._parts:
+            return self._read(key)
+        fused, columns = self._parts[key]
+        if fused not in self._held:  # read once, kept until its last part is taken
+            self._held[fused] = [self._read(fused), sum(f == fused for f, _ in self._parts.values())]
+        held = self._held[fused]
+        held[1] -= 1
+        if not held[1]:
+            del self._held[fused]
+        return held[0][:, columns]
 
     def close(self) -> None:
         """Release what the reader holds open (nothing for files read on demand)."""
@@ -284,10 +317,10 @@ class _SafetensorsCheckpoint(_Checkpoint):
             )
         return header, data_start
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
+    def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(self._entries[stored][1]["shape"]) for name, stored in self._stored.items()}
 
-    def read(self, key: str) -> np.ndarray:
+    def _read(self, key: str) -> np.ndarray:
         path, entry, data_start = self._entries[self._stored[key]]
         begin, stop = entry["data_offsets"]
         dtype = np.dtype(self._DTYPES[entry["dtype"]])
@@ -306,7 +339,7 @@ class _PdparamsCheckpoint(_Checkpoint):
     model_state.pdparams.index.json, as save_pretrained writes a large model): each file loaded whole
     by paddle.load, then released tensor by tensor."""
 
-    def __init__(self, files: list[Path], description: str, language=None):
+    def __init__(self, files: list[Path], description: str):
         state: dict = {}
         for path in files:
             try:
@@ -320,15 +353,13 @@ class _PdparamsCheckpoint(_Checkpoint):
                 raise CheckpointError(f"{path.name} repeats tensors of another shard: {_listing(twice)}")
             state.update(part)
         super().__init__(f"{description} (PaddleNLP layout)", paddle_layout=True)
-        if language is not None:
-            _split_paddlenlp_fused(state, language, description)
         self._state = state
         self._index(state)
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
+    def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(np.shape(self._state[stored])) for name, stored in self._stored.items()}
 
-    def read(self, key: str) -> np.ndarray:
+    def _read(self, key: str) -> np.ndarray:
         array = np.asarray(self._state.pop(self._stored[key]))
         if array.dtype == np.uint16:
             # paddle.save stores bfloat16 tensors as uint16 arrays.
@@ -339,40 +370,39 @@ class _PdparamsCheckpoint(_Checkpoint):
         self._state.clear()
 
 
-def _split_paddlenlp_fused(state: dict, language, description: str) -> None:
-    """PaddleNLP's fused projections (config fuse_attention_qkv / fuse_attention_ffn) as the separate
-    q/k/v and gate/up weights of the HF names, in place. Both are [in, out] in the Paddle layout.
+def _fused_columns(key: str, shape: tuple[int, ...], language, where: str) -> dict[str, np.ndarray]:
+    """For PaddleNLP's fused projections (config fuse_attention_qkv / fuse_attention_ffn), the name of each
+    part (key's "qkv_proj" -> "q_proj", ...) and its columns; {} for other tensors. `where` names the
+    tensor in errors. Both are [in, out] in the Paddle layout.
 
     qkv_proj's columns run per key/value head: that head's queries (num_attention_heads /
     num_key_value_heads of them), then its key, then its value, head_dim columns each (PaddleNLP's
     LlamaAttention reshapes to [kv_heads, (groups + 2) * head_dim] and splits). gate_up_fused_proj's
     columns are gate, then up (its swiglu chunks the output in two).
     """
-    heads, kv_heads, head_dim = language.num_attention_heads, language.num_key_value_heads, language.head_dim
-    groups = heads // kv_heads
-    for key in [k for k in state if k.endswith((".self_attn.qkv_proj.weight", ".mlp.gate_up_fused_proj.weight"))]:
-        fused = np.asarray(state[key])
-        if fused.ndim != 2:
-            raise CheckpointError(f"{description}: {key} has shape {list(fused.shape)}, not [in, out]")
-        rows, cols = fused.shape
-        if key.endswith(".qkv_proj.weight"):
-            if cols != (heads + 2 * kv_heads) * head_dim:
-                raise CheckpointError(
-                    f"{description}: {key} has {cols} output columns; the config's {heads} heads and {kv_heads} "
-                    f"key/value heads of {head_dim} need {(heads + 2 * kv_heads) * head_dim}")
-            per_head = fused.reshape(rows, kv_heads, groups + 2, head_dim)
-            base = key[: -len("qkv_proj.weight")]
-            columns = {"q_proj": per_head[:, :, :groups], "k_proj": per_head[:, :, groups],
-                       "v_proj": per_head[:, :, groups + 1]}
-            parts = {name: part.reshape(rows, -1) for name, part in columns.items()}
-        else:
-            if cols % 2:
-                raise CheckpointError(f"{description}: {key} has an odd number of output columns ({cols})")
-            base = key[: -len("gate_up_fused_proj.weight")]
-            parts = {"gate_proj": fused[:, : cols // 2], "up_proj": fused[:, cols // 2:]}
-        del state[key]
-        for name, part in parts.items():
-            state[f"{base}{name}.weight"] = part
+    for fused in ("self_attn.qkv_proj.weight", "mlp.gate_up_fused_proj.weight"):
+        if key.endswith("." + fused):
+            base = key[: -len(fused)] + fused.split(".")[0] + "."
+            break
+    else:
+        return {}
+    if len(shape) != 2:
+        raise CheckpointError(f"{where} has shape {list(shape)}, not [in, out]")
+    cols = shape[1]
+    if fused.startswith("self_attn."):
+        heads, kv_heads, head_dim = language.num_attention_heads, language.num_key_value_heads, language.head_dim
+        groups = heads // kv_heads
+        if cols != (heads + 2 * kv_heads) * head_dim:
+            raise CheckpointError(
+                f"{where} has {cols} output columns; the config's {heads} heads and {kv_heads} "
+                f"key/value heads of {head_dim} need {(heads + 2 * kv_heads) * head_dim}")
+        per_head = np.arange(cols).reshape(kv_heads, groups + 2, head_dim)
+        return {base + "q_proj.weight": per_head[:, :groups].ravel(),
+                base + "k_proj.weight": per_head[:, groups].ravel(),
+                base + "v_proj.weight": per_head[:, groups + 1].ravel()}
+    if cols % 2:
+        raise CheckpointError(f"{where} has an odd number of output columns ({cols})")
+    return {base + "gate_proj.weight": np.arange(cols // 2), base + "up_proj.weight": np.arange(cols // 2, cols)}
 
 
 class _TorchStorage:
@@ -446,10 +476,10 @@ class _TorchZipCheckpoint(_Checkpoint):
         super().__init__(description, paddle_layout=False)
         self._index(self._entries)
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
+    def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: self._entries[stored][2].shape for name, stored in self._stored.items()}
 
-    def read(self, key: str) -> np.ndarray:
+    def _read(self, key: str) -> np.ndarray:
         archive, prefix, tensor = self._entries[self._stored[key]]
         dtype = np.dtype(self.DTYPES[tensor.storage.dtype_name])
         try:
@@ -483,9 +513,8 @@ def _weight_map_files(index: Path) -> list[Path]:
     return files
 
 
-def _open_checkpoint(folder: Path, language=None) -> _Checkpoint:
-    """The first weights found, in the order of _WEIGHT_FILES. `language`: the LlamaConfig, to split
-    PaddleNLP's fused projections."""
+def _open_checkpoint(folder: Path) -> _Checkpoint:
+    """The first weights found, in the order of _WEIGHT_FILES."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = _weight_map_files(index)
@@ -495,9 +524,9 @@ def _open_checkpoint(folder: Path, language=None) -> _Checkpoint:
     index = folder / "model_state.pdparams.index.json"
     if index.is_file():
         files = _weight_map_files(index)
-        return _PdparamsCheckpoint(files, f"{index.name} ({len(files)} shards)", language)
+        return _PdparamsCheckpoint(files, f"{index.name} ({len(files)} shards)")
     if (folder / "model_state.pdparams").is_file():
-        return _PdparamsCheckpoint([folder / "model_state.pdparams"], "model_state.pdparams", language)
+        return _PdparamsCheckpoint([folder / "model_state.pdparams"], "model_state.pdparams")
     index = folder / "pytorch_model.bin.index.json"
     if index.is_file():
         files = _weight_map_files(index)

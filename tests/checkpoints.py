@@ -64,16 +64,10 @@ def fuse_paddlenlp_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_heads: in
     return np.concatenate(grouped, axis=2).reshape(rows, -1)
 
 
-def write_paddlenlp(dst: Path, shards: int = 1, fused: bool = False) -> Path:
-    """The golden weights as the PaddleNLP release stores them: model_state.pdparams with
-    language_model.llama.* keys and Linear weights as [in, out], plus image_preprocessor_config.json.
-    With `shards` > 1, as PaddleNLP's save_pretrained splits a large model: model_state-0000i-of-0000N.pdparams
-    files and a model_state.pdparams.index.json. With `fused`, as a config with fuse_attention_qkv and
-    fuse_attention_ffn saves them: qkv_proj and gate_up_fused_proj instead of q/k/v and gate/up."""
-    import paddle
-
-    copy_side_files(dst)
-    shutil.copy(GOLDEN / "preprocessor_config.json", dst / "image_preprocessor_config.json")
+def paddlenlp_arrays(fused: bool = False) -> dict[str, np.ndarray]:
+    """The golden weights under PaddleNLP's names (language_model.llama.*) with Linear weights as [in, out].
+    With `fused`, as a config with fuse_attention_qkv and fuse_attention_ffn saves them: qkv_proj and
+    gate_up_fused_proj instead of q/k/v and gate/up."""
     arrays = {}
     for name, array in golden_tensors().items():
         if array.ndim == 2 and name.endswith(".weight") and not name.endswith(EMBEDDINGS):
@@ -89,6 +83,19 @@ def write_paddlenlp(dst: Path, shards: int = 1, fused: bool = False) -> Path:
             base = name[: -len("gate_proj.weight")]
             gate, up = arrays.pop(f"{base}gate_proj.weight"), arrays.pop(f"{base}up_proj.weight")
             arrays[f"{base}gate_up_fused_proj.weight"] = np.concatenate([gate, up], axis=1)
+    return arrays
+
+
+def write_paddlenlp(dst: Path, shards: int = 1, fused: bool = False) -> Path:
+    """The golden weights as the PaddleNLP release stores them: model_state.pdparams with
+    paddlenlp_arrays(fused), plus image_preprocessor_config.json. With `shards` > 1, as PaddleNLP's
+    save_pretrained splits a large model: model_state-0000i-of-0000N.pdparams files and a
+    model_state.pdparams.index.json."""
+    import paddle
+
+    copy_side_files(dst)
+    shutil.copy(GOLDEN / "preprocessor_config.json", dst / "image_preprocessor_config.json")
+    arrays = paddlenlp_arrays(fused)
     state = {name: paddle.to_tensor(array) for name, array in arrays.items()}
     if shards == 1:
         paddle.save(state, str(dst / "model_state.pdparams"))

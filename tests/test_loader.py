@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from model.config import ConfigError, JanusConfig, expected_hf_shapes
-from model.loader import CheckpointError, _split_paddlenlp_fused, load_model
+from model.loader import CheckpointError, _fused_columns, load_model
 import checkpoints
 from checkpoints import GOLDEN
 
@@ -109,6 +109,16 @@ def test_paddlenlp_layout_loads_the_same_model(tmp_path, reference, cases, fused
     np.testing.assert_allclose(logits, cases["understanding.conv1.prefill_logits"], rtol=0, atol=1e-4)
 
 
+def test_paddlenlp_fused_projections_in_safetensors_load_the_same_model(tmp_path, reference):
+    """PaddleNLP's save_pretrained(safe_serialization=True): Paddle names and layout in model.safetensors
+    (no "pt" format in its metadata), here with fused projections."""
+    from safetensors.numpy import save_file
+
+    folder = checkpoints.copy_side_files(tmp_path / "paddle-safetensors")
+    save_file(checkpoints.paddlenlp_arrays(fused=True), str(folder / "model.safetensors"))
+    assert_same_parameters(load_model(folder), reference)
+
+
 def test_paddlenlp_fused_qkv_split_with_grouped_key_value_heads():
     """As PaddleNLP's LlamaAttention computes q, k and v from a fused qkv_proj: reshape the product to
     [kv_heads, (groups + 2) * head_dim], split it [groups * head_dim, head_dim, head_dim]."""
@@ -119,8 +129,10 @@ def test_paddlenlp_fused_qkv_split_with_grouped_key_value_heads():
     rng = np.random.default_rng(0)
     fused = rng.standard_normal((hidden, (heads + 2 * kv_heads) * head_dim)).astype(np.float32)
     gate_up = rng.standard_normal((hidden, 2 * 48)).astype(np.float32)
-    state = {"l.0.self_attn.qkv_proj.weight": fused, "l.0.mlp.gate_up_fused_proj.weight": gate_up}
-    _split_paddlenlp_fused(state, language, "test")
+    state = {}
+    for key, weight in {"l.0.self_attn.qkv_proj.weight": fused, "l.0.mlp.gate_up_fused_proj.weight": gate_up}.items():
+        for part, columns in _fused_columns(key, weight.shape, language, key).items():
+            state[part] = weight[:, columns]
 
     x = rng.standard_normal((3, hidden)).astype(np.float32)
     mix = (x @ fused).reshape(3, kv_heads, (heads // kv_heads + 2) * head_dim)
