@@ -164,10 +164,6 @@ def image_bytes(pixels: np.ndarray, image_format: str = "png", quality: int = 10
     return buffer.getvalue()
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    return image_bytes(pixels)
-
-
 async def encode_images_base64(images: list[np.ndarray], image_format: str = "png", quality: int = 100) -> list[str]:
     return await run_in_threadpool(
         lambda: [base64.b64encode(image_bytes(image, image_format, quality)).decode("ascii") for image in images])

@@ -30,7 +30,7 @@ from server.engine.types import (
     UnderstandResult,
 )
 from server.errors import APIError, ClientDisconnected, engine_error_parts, internal_error_body, validation_error
-from server.images import encode_images_base64, load_images, png_bytes
+from server.images import encode_images_base64, image_bytes, load_images
 from server.metrics import ServerMetrics
 from server.protocol import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -434,7 +434,7 @@ async def generate(request: Request) -> Response:
     if not body.stream:
         result = await generate_once(request, engine_request)
         if body.response_format == "png":
-            png = await anyio.to_thread.run_sync(png_bytes, result.images[0])
+            png = await anyio.to_thread.run_sync(image_bytes, result.images[0])
             return Response(png, media_type="image/png", headers={"X-Seed": str(result.seeds[0])})
         answer = GenerateResponse(
             id=request_id, images=await generated_images(result),
