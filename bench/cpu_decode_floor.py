@@ -72,6 +72,15 @@ def step_weight_bytes(model: LlamaModel) -> int:
     return sum(int(np.prod(p.shape)) * 4 for p in model.parameters())
 
 
+def in_threads(function, argument_lists) -> None:
+    """function(*arguments) for each of `argument_lists` on its own thread (numpy releases the GIL), all joined."""
+    workers = [threading.Thread(target=function, args=arguments) for arguments in argument_lists]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
 def copy_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> dict:  # a 1.07 GB array
     """GB/s of a numpy copy of a large float32 array (read + written bytes), with 1 and 2 threads."""
     src = np.ones(size_bytes // 4, np.float32)
@@ -85,23 +94,15 @@ def copy_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> dict:  # a 1.
             if threads == 1:
                 np.copyto(dst, src)
                 return
-            workers = [threading.Thread(target=np.copyto, args=(dst[p], src[p])) for p in parts]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
+            in_threads(np.copyto, [(dst[p], src[p]) for p in parts])
 
         result[threads] = 2 * src.nbytes / median_seconds(copy, repeats) / 1e9
     # For reference, not the floor: reading alone (no writes), a sum over each half on its own thread,
     # and weight streaming by a library kernel (OpenBLAS sgemv, numpy's threads).
-    halves = [src[: src.size // 2], src[src.size // 2:]]
+    halves = [(src[: src.size // 2],), (src[src.size // 2:],)]
 
     def read():
-        workers = [threading.Thread(target=np.add.reduce, args=(half,)) for half in halves]  # releases the GIL
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+        in_threads(np.add.reduce, halves)
 
     result["read"] = src.nbytes / median_seconds(read, repeats) / 1e9
     matrix, vector = src.reshape(-1, 2048), np.ones(2048, np.float32)
