@@ -124,6 +124,10 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
 def refuse_unsupported_answer_shapes(body: ChatCompletionRequest) -> None:
     """400 for the OpenAI fields this server cannot honour and that would change what the answer is
     (ignoring them would return something else than what was asked for)."""
+    if (body.n or 1) > 1:
+        raise APIError(400, "n: only n=1 is supported; send separate requests.", code="invalid_value", param="n")
+    if body.logprobs:
+        raise APIError(400, "logprobs: not supported by this server.", code="invalid_value", param="logprobs")
     if body.logit_bias:
         raise APIError(400, "logit_bias: not supported by this server.", code="invalid_value", param="logit_bias")
     answer_type = (body.response_format or {}).get("type", "text")
@@ -151,10 +155,6 @@ def refuse_unsupported_answer_shapes(body: ChatCompletionRequest) -> None:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     settings = settings_of(request)
     check_model(request, body.model)
-    if (body.n or 1) > 1:
-        raise APIError(400, "n: only n=1 is supported; send separate requests.", code="invalid_value", param="n")
-    if body.logprobs:
-        raise APIError(400, "logprobs: not supported by this server.", code="invalid_value", param="logprobs")
     refuse_unsupported_answer_shapes(body)
     messages, references, system_prompt = translate_messages(body.messages, settings)
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
