@@ -51,21 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
     from server.app import create_app
+    from server.http import Server, uvicorn_config
     from server.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
-    # uvicorn turns SIGTERM into a graceful shutdown; the app's lifespan then drains and stops the engine
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
-    )
+    # SIGTERM starts a graceful shutdown; the app's lifespan then drains and stops the engine
+    Server(uvicorn_config(create_app(settings), settings)).run()
 
 
 def download(model: str, home: str | None, source: str | None) -> int:

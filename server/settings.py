@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     )
     cors_origins: CommaList = Field(default_factory=list, description="Comma-separated origins allowed by CORS.")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body.")
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a connection may take to send a request's headers before it is closed.")
+    max_connections: int = Field(
+        1024, ge=1, description="Connections served at once; a request on one more gets 503 and is closed.")
     max_images: int = Field(4, ge=1, description="Most images in one understanding request.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest width x height of an uploaded image.")
     max_prompt_chars: int = Field(65536, ge=1, description="Longest prompt / conversation text, in characters.")

@@ -86,6 +86,7 @@ class ServerLoop:
     ) -> LiveServer:
         """Serve create_app(settings, engine); `customize` may add routes before it serves."""
         from server.app import create_app
+        from server.http import Server, uvicorn_config
 
         app = create_app(settings, engine)
         if customize is not None:
@@ -94,8 +95,7 @@ class ServerLoop:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))
         port = listener.getsockname()[1]
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
-        server = uvicorn.Server(config)
+        server = Server(uvicorn_config(app, settings, lifespan="on", timeout_graceful_shutdown=10))
         serving = asyncio.run_coroutine_threadsafe(server.serve(sockets=[listener]), self.loop)
         self.running.append((server, serving))
         self.run(wait_until_started(server), timeout=60)
