@@ -29,6 +29,7 @@ from server.errors import (
     install_error_handlers,
     internal_error_response,
 )
+from server.http import drain, drain_bound
 from server.metrics import ServerMetrics
 from server.protocol import apply_limits
 from server.settings import Settings
@@ -88,10 +89,14 @@ class RequestMiddleware:
         self.metrics = metrics
 
     async def read_body(self, headers: Headers, receive: Receive) -> bytes | int:
-        """The whole body, or the status to answer instead (413 over the cap, 499 client gone)."""
+        """The whole body, or the status to answer instead (413 over the cap, 499 client gone).
+        An oversize body is drained first, up to a bound, so that a client still sending reads the 413."""
         limit = self.settings.max_body_bytes
+        bound = drain_bound(limit)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
+            if int(declared) <= bound:
+                await drain(receive, bound)
             return 413
         chunks: list[bytes] = []
         size = 0
@@ -102,6 +107,8 @@ class RequestMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
+                if message.get("more_body", False):
+                    await drain(receive, bound, size)
                 return 413
             chunks.append(chunk)
             if not message.get("more_body", False):
