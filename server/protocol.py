@@ -306,13 +306,15 @@ def multipart_schema(model: type[BaseModel], file_field: str | None) -> dict[str
 
 
 def json_or_multipart_body(model: type[BaseModel], file_field: str | None = None) -> dict[str, Any]:
-    """openapi_extra for a route that reads `model` as JSON or as multipart/form-data itself."""
+    """openapi_extra for a route that reads `model` as JSON, multipart/form-data or a URL-encoded form
+    (text fields only, as `curl -d` and HTML forms send) itself."""
     return {
         "requestBody": {
             "required": True,
             "content": {
                 "application/json": {"schema": model.model_json_schema()},
                 "multipart/form-data": {"schema": multipart_schema(model, file_field)},
+                "application/x-www-form-urlencoded": {"schema": multipart_schema(model, None)},
             },
         }
     }

@@ -75,6 +75,9 @@ def media_type_of(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
 def is_json_media_type(media_type: str) -> bool:
     return media_type in ("", "application/json") or (media_type.startswith("application/") and media_type.endswith("+json"))
 
@@ -100,7 +103,8 @@ def validate_body(model: type[Model], data: Any) -> Model:
 async def read_json_or_form(
     request: Request, model: type[Model], file_field: str | None = None
 ) -> tuple[Model, list[tuple[str, bytes]]]:
-    """The body as `model` from JSON or multipart/form-data, plus the files of `file_field` as (param, bytes)."""
+    """The body as `model` from JSON, multipart/form-data or a URL-encoded form, plus the files of
+    `file_field` as (param, bytes)."""
     media_type = media_type_of(request)
     if is_json_media_type(media_type):
         try:
@@ -108,10 +112,11 @@ async def read_json_or_form(
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise APIError(400, f"The body is not valid JSON: {exc}.", code="invalid_json") from exc
         return validate_body(model, data), []
-    if media_type != "multipart/form-data":
+    if media_type not in FORM_MEDIA_TYPES:
         raise APIError(
             415,
-            f"Content-Type {media_type!r} is not accepted; send application/json or multipart/form-data.",
+            f"Content-Type {media_type!r} is not accepted; send application/json, multipart/form-data "
+            "or application/x-www-form-urlencoded.",
             code="unsupported_media_type",
         )
     settings = settings_of(request)

@@ -1,8 +1,10 @@
-"""Native routes against the live server: JSON, multipart and streaming, equal to the engine's own results."""
+"""Native routes against the live server: JSON, multipart, URL-encoded forms and streaming, equal to the engine's own results."""
 import asyncio
 import base64
 import io
 import json
+import shutil
+import subprocess
 import time
 
 import httpx
@@ -125,6 +127,32 @@ def test_generate_multipart_png(client, generated):
     assert response.headers["content-type"] == "image/png"
     assert response.headers["x-seed"] == str(image["seed"])
     assert np.array_equal(np.asarray(rgb(response.content)), pixels(image["b64_json"]))
+
+
+def test_generate_from_a_url_encoded_form(server, generated):
+    """`curl -d prompt=...` and HTML forms send application/x-www-form-urlencoded: served like multipart."""
+    image = generated["images"][0]
+    fields = {"prompt": GENERATE_PROMPT, "seed": str(image["seed"]), "response_format": "png"}
+    curl = shutil.which("curl")
+    if curl:  # the real thing, as the README shows it
+        command = [curl, "-sS", "-o", "-", "-w", "\n%{http_code} %{content_type}", "-H", f"Authorization: Bearer {API_KEY}",
+                   *(arg for name, value in fields.items() for arg in ("-d", f"{name}={value}")), f"{server.base_url}/generate"]
+        body, _, status = subprocess.run(command, capture_output=True, timeout=120, check=True).stdout.rpartition(b"\n")
+        assert status.decode() == "200 image/png", body[:500]
+    else:
+        with server.client() as http:
+            response = http.post("/generate", data=fields)
+        assert response.status_code == 200, response.text[:500]
+        body = response.content
+    assert np.array_equal(np.asarray(rgb(body)), pixels(image["b64_json"]))
+
+
+def test_understand_from_a_url_encoded_form_equals_json(client):
+    fields = {"question": "Say something.", "max_new_tokens": "6"}
+    form = client.post("/understand", data=fields)
+    assert form.status_code == 200, form.text[:500]
+    as_json = client.post("/understand", json={"question": "Say something.", "max_new_tokens": 6})
+    assert form.json()["text"] == as_json.json()["text"]
 
 
 def test_generate_stream_reports_progress_then_the_images(client, generated):
