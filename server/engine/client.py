@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import secrets
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from server.engine.worker import WorkerConfig, run_worker
 
 log = logging.getLogger("janus.engine")
 IMAGE_TOKENS = 576
+# Retry-After's run time of a request before any has been answered (then: the measured mean)
+UNMEASURED_RUN_TIME = 2.0
 
 
 @dataclasses.dataclass
@@ -110,6 +113,7 @@ class EngineClient:
         self._images_total = 0
         self._restarts = 0
         self._rate_window: collections.deque[tuple[float, int]] = collections.deque(maxlen=50)
+        self._run_times: collections.deque[float] = collections.deque(maxlen=32)  # of answered requests
 
     # ---- lifecycle
 
@@ -418,12 +422,12 @@ class EngineClient:
         return request
 
     def _retry_after(self) -> float:
-        """Seconds until the queue has likely moved on: queue length x a typical request's run time."""
-        per_request = 2.0
-        rate = self.stats().steps_per_second
-        if rate > 0:
-            per_request = IMAGE_TOKENS / rate
-        return max(1.0, min(600.0, len(self._waiting) * per_request / max(1, len(self._workers))))
+        """Seconds until the waiting queue has likely drained: the requests it holds over the measured
+        service rate (requests running at once over their recent mean run time, dispatch to answer)."""
+        waiting = sum(1 for r in self._waiting if not r.finished)
+        running = max(1, sum(len(w.running) for w in self._workers))
+        run_time = statistics.fmean(self._run_times) if self._run_times else UNMEASURED_RUN_TIME
+        return max(1.0, min(600.0, waiting * run_time / running))
 
     async def _next_event(self, request: PendingRequest):
         kind, data = await request.events.get()
@@ -480,6 +484,8 @@ class EngineClient:
         if worker is not None and worker.running.pop(request.rid, None) is not None:
             worker.rows_used -= request.rows
             self._wake.set()
+            if error is None:
+                self._run_times.append(time.monotonic() - request.dispatched_at)
         request.events.put_nowait(("error", error) if error is not None else item)
 
     def _fail_waiting(self, make_error) -> None:
