@@ -112,6 +112,11 @@ class GenerateBody(BaseModel):
         "b64_json", description="`b64_json`: JSON with base64 PNGs; `png`: the raw image/png (n=1 only)."
     )
     stream: bool = Field(False, description="Answer with Server-Sent Events of progress, then the images.")
+    preview_every: int = Field(
+        0, ge=0, le=576,
+        description="Streamed only: every this many of the 576 steps, the progress event also carries `previews`, "
+        "a 24x24 PNG per image (one pixel per image token, grey where none is sampled yet; a colour per token "
+        "fitted to the VQ decoder), to be scaled up. 0: no previews.")
 
 
 class GeneratedImage(BaseModel):

@@ -7,6 +7,7 @@ leave through server.errors; inside a stream they become an SSE error event.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -424,6 +425,9 @@ async def generate(request: Request) -> Response:
             400, f"response_format: png answers with one raw image, so {reason}; use b64_json.",
             code="invalid_value", param="response_format",
         )
+    if body.preview_every and not body.stream:
+        raise APIError(400, "preview_every: previews are sent in the stream; set stream: true.",
+                       code="invalid_value", param="preview_every")
     engine_request = GenerateRequest(
         prompt=body.prompt,
         n=body.n,
@@ -432,6 +436,7 @@ async def generate(request: Request) -> Response:
         top_k=body.top_k,
         top_p=body.top_p,
         seed=body.seed,
+        preview_every=body.preview_every,
         timeout=settings.request_timeout,
         request_id=engine_request_id(request),
     )
@@ -452,7 +457,11 @@ async def generate(request: Request) -> Response:
     async def events() -> AsyncIterator[dict[str, Any]]:
         async for item in stream_items(first, stream, lambda item: isinstance(item, GenerateResult)):
             if isinstance(item, ProgressEvent):
-                yield {"id": request_id, "step": item.step, "total": item.total}
+                progress = {"id": request_id, "step": item.step, "total": item.total}
+                if item.previews is not None:
+                    progress["previews"] = [base64.b64encode(image_bytes(preview)).decode("ascii")
+                                            for preview in item.previews]  # 24x24 PNGs: microseconds
+                yield progress
                 continue
             request.state.usage = item.usage.as_dict()
             yield {

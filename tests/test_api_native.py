@@ -172,6 +172,35 @@ def test_generate_stream_reports_progress_then_the_images(client, generated):
     assert final["usage"]["images"] == 1
 
 
+def test_generate_stream_with_previews(client, generated):
+    """preview_every=100: the events of steps 100..500 carry a 24x24 preview per image, grey where no token
+    is sampled yet, each the last one's pixels plus new ones; the images are the same as without previews."""
+    body = {"prompt": GENERATE_PROMPT, "n": 2, "seed": 42, "stream": True, "preview_every": 100}
+    with client.stream("POST", "/generate", json=body) as response:
+        assert response.status_code == 200
+        events = [json.loads(payload) for payload in sse_payloads(list(response.iter_lines()))]
+    *progress, final = events
+    with_previews = [event for event in progress if "previews" in event]
+    assert [event["step"] for event in with_previews] == [100, 200, 300, 400, 500]
+    earlier = None
+    for event in with_previews:
+        grids = [np.asarray(rgb(base64.b64decode(preview))).reshape(576, 3) for preview in event["previews"]]
+        assert len(grids) == 2
+        for index, grid in enumerate(grids):
+            assert (grid[event["step"]:] == 128).all(), "tokens not sampled yet are grey"
+            assert not (grid[:event["step"]] == 128).all(axis=1).all()
+            if earlier is not None:
+                assert np.array_equal(grid[:event["step"] - 100], earlier[index][:event["step"] - 100])
+        earlier = grids
+    for streamed, plain in zip(final["images"], generated["images"]):
+        assert np.array_equal(pixels(streamed["b64_json"]), pixels(plain["b64_json"]))
+
+
+def test_previews_need_a_stream(client):
+    response = client.post("/generate", json={"prompt": "a cat", "preview_every": 10})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "preview_every"
+
+
 def test_edge_parameter_values_are_served(client):
     edges = {"seed": 2**63 - 1, "top_k": 10**9, "top_p": 1e-6, "temperature": 2.0}
     understood = client.post("/understand", json={"question": "Hi", "max_new_tokens": 3, **edges})

@@ -377,7 +377,7 @@ class EngineClient:
         seeds = [(seed + i) % 2**63 for i in range(req.n)]
         payload = {
             "prompt_ids": prompt_ids, "n": req.n, "cfg_weight": req.cfg_weight, "temperature": req.temperature,
-            "top_k": req.top_k, "top_p": req.top_p, "seeds": seeds,
+            "top_k": req.top_k, "top_p": req.top_p, "seeds": seeds, "preview_every": req.preview_every,
         }
         request = self._enqueue(req.request_id, "generate", payload, rows=2 * req.n, timeout=req.timeout)
         try:
@@ -385,6 +385,8 @@ class EngineClient:
                 kind, data = await self._next_event(request)
                 if kind == "progress":
                     yield ProgressEvent(step=data, total=IMAGE_TOKENS)
+                elif kind == "preview":
+                    yield ProgressEvent(step=data["step"], total=IMAGE_TOKENS, previews=data["images"])
                 elif kind == "images_done":
                     self._images_total += req.n
                     yield GenerateResult(
@@ -536,7 +538,7 @@ class EngineClient:
                 request = worker.running.get(rid)
                 if request is None:
                     continue
-                if event in ("token", "progress"):
+                if event in ("token", "progress", "preview"):
                     request.events.put_nowait((event, data))
                 elif event in ("text_done", "images_done"):
                     self._finish(request, item=(event, data))

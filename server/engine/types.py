@@ -54,6 +54,7 @@ class GenerateRequest:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None  # None: a random seed, reported back per image
+    preview_every: int = 0  # streamed: previews every this many steps (model/preview.py); 0: none
     timeout: float | None = None
     request_id: str = dataclasses.field(default_factory=new_request_id)
 
@@ -102,10 +103,12 @@ class TokenEvent:
 
 @dataclasses.dataclass
 class ProgressEvent:
-    """A streamed generation request has finished `step` of `total` image-token steps."""
+    """A streamed generation request has finished `step` of `total` image-token steps; with
+    `preview_every`, every that many steps also the previews so far ([n, 24, 24, 3] uint8)."""
 
     step: int
     total: int
+    previews: Any = None
 
 
 @dataclasses.dataclass

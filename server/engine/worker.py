@@ -84,6 +84,7 @@ class RunningRequest:
     admitted_at: float
     prefill: float = 0.0
     decode: float = 0.0
+    preview_every: int = 0  # image requests: send a preview every this many steps (0: none)
 
 
 def pick_device(requested: str) -> str:
@@ -165,6 +166,7 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         vision = None if prefiller is not None else image_encoder(model, device, config)  # else the child encodes
         vq_decoder = make_cpu_program("VQ decoder", device, config.cpu_vq,
                                       lambda: CpuVQDecoder(model, single_thread_copy=True))
+        palette = preview_palette(model, vq_decoder)
     except Exception as error:  # noqa: BLE001 - the parent reports it and stops retrying
         outbox.put(("fatal", f"{type(error).__name__}: {error}"))
         return
@@ -179,11 +181,25 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         # One Paddle thread for the steps of a model too small to split (while the VQ thread, not the
         # loop, runs the image decoder's convolutions).
         Scheduler(model, batch, config, inbox, outbox, vq_decoder=vq_decoder, vision=vision,
-                  prefill_thread=prefill_thread, prefiller=prefiller,
+                  prefill_thread=prefill_thread, prefiller=prefiller, palette=palette,
                   max_step_threads=1 if vq_decoder is not None and small_steps(model) else None).run()
     finally:
         if prefiller is not None:
             prefiller.close()
+
+
+def preview_palette(model, vq_decoder):
+    """The colours of generation previews (model/preview.py), fitted with one decode of the worker's
+    own VQ decoder."""
+    from model.generation import decode_images, to_uint8_images
+    from model.preview import PreviewPalette
+
+    def decode(codes):
+        if vq_decoder is not None:
+            return to_uint8_images(vq_decoder.decode(codes))
+        return decode_images(model, codes)
+
+    return PreviewPalette.fit(model.gen_vision_model.codebook.weight.numpy(), decode)
 
 
 def load_worker_model(config: WorkerConfig, device: str):
@@ -317,8 +333,10 @@ class Scheduler:
     """Admission and stepping for one worker; FIFO admission, every admitted row steps together."""
 
     def __init__(self, model, batch, config: WorkerConfig, inbox, outbox, *, vq_decoder=None, vision=None,
-                 prefill_thread: bool = False, prefiller=None, max_step_threads: int | None = None):
+                 prefill_thread: bool = False, prefiller=None, max_step_threads: int | None = None,
+                 palette=None):
         self.model = model
+        self.palette = palette  # previews of images being generated (model/preview.py)
         self.batch = batch
         self.config = config
         self.inbox = inbox
@@ -435,7 +453,8 @@ class Scheduler:
             if rows > self.batch.pool.free or (limit and len(self.running) + len(self.prefilling) >= limit):
                 return
             self.pending.popleft()
-            request = RunningRequest(rid, kind, rows, time.perf_counter())
+            request = RunningRequest(rid, kind, rows, time.perf_counter(),
+                                     preview_every=payload.get("preview_every", 0) if self.palette else 0)
             if kind == "understand" and self.prefill_thread:
                 self.start_prefill(request, payload)
                 continue
@@ -565,13 +584,27 @@ class Scheduler:
             if event.kind == "token":
                 self.events.append((rid, "token", event.token))
             elif event.kind == "progress":
-                self.events.append((rid, "progress", event.step))
+                self.events.append(self.progress(rid, event.step))
             elif event.kind == "text_done":
                 request = self.running.pop(rid)
                 self.events.append((rid, "text_done", {"finish_reason": event.finish_reason,
                                                        **self.timings(request)}))
             elif event.kind == "codes_done":
                 self.finish_images(rid, event.codes)
+
+    def progress(self, rid: str, step: int) -> tuple:
+        """An image request's progress event; every `preview_every` steps (not the last: the images
+        follow) with the previews so far."""
+        import numpy as np
+
+        from model.generation import IMAGE_TOKENS
+
+        request = self.running.get(rid)
+        every = request.preview_every if request is not None else 0
+        if every and step % every == 0 and step < IMAGE_TOKENS:
+            codes = np.array(self.batch.sequences[rid].codes, np.int64)
+            return (rid, "preview", {"step": step, "images": self.palette.previews(codes)})
+        return (rid, "progress", step)
 
     def finish_images(self, rid: str, codes) -> None:
         from model.generation import decode_images
