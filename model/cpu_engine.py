@@ -47,6 +47,7 @@ import paddle.nn.functional as F
 
 from .cpu_attention import Group, attend, plan_groups, write_cache
 from .llama import KVCache, LlamaModel, cache_addresses, rotary_cos_sin
+from .tensors import from_numpy
 
 _BUILD_IDS = itertools.count()
 
@@ -323,7 +324,7 @@ class CpuDecodeEngine:
         self._use_cache(cache)
         plan = self.plan(cache, slots, start, batch, length)
         hidden = self.run(np.ascontiguousarray(x.reshape(batch * length, self.hidden), dtype=np.float32), plan)
-        return paddle.to_tensor(hidden.reshape(batch, length, self.hidden))
+        return from_numpy(hidden.reshape(batch, length, self.hidden))
 
     def step(self, embeds, cache: KVCache, slots, start) -> paddle.Tensor:
         """One decode step: embeds [B, H] or [B, 1, H] -> final-normed hidden [B, H]."""
@@ -510,7 +511,7 @@ class CpuVQDecoder:
         if codes.size and (codes.min() < 0 or codes.max() >= size):
             raise ValueError(f"image token codes must lie in [0, {size})")
         with paddle.no_grad():
-            return self.vq.lookup(paddle.to_tensor(codes)).numpy()
+            return self.vq.lookup(from_numpy(codes)).numpy()
 
     def decode(self, codes, *, single_thread: bool = False) -> np.ndarray:
         """`single_thread`: use the one-thread copy (if built), leaving the other cores to the decode loop."""

@@ -29,6 +29,7 @@ import numpy as np
 import paddle
 
 from .cpu_engine import CompiledCopies, EngineUnavailable, cpu_threads, openvino_runtime_available
+from .tensors import from_numpy
 
 
 def _array(param) -> np.ndarray:
@@ -136,4 +137,4 @@ class CpuVisionEncoder:
 
     def encode_images(self, pixel_values, *, single_thread: bool = False) -> paddle.Tensor:
         """model.encode_images through this encoder (for DecodeBatch's `encode_images`)."""
-        return paddle.to_tensor(self.encode(pixel_values, single_thread=single_thread))
+        return from_numpy(self.encode(pixel_values, single_thread=single_thread))

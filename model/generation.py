@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import paddle
 
+from .tensors import from_numpy
+
 IMAGE_TOKENS = 576  # 24 x 24 codes per 384 x 384 image
 
 
@@ -76,7 +78,7 @@ def to_uint8_images(decoded: np.ndarray) -> np.ndarray:
 
 def decode_images(model, codes: np.ndarray) -> np.ndarray:
     """[N,576] image tokens -> [N,384,384,3] uint8 images (VQ decode in float32)."""
-    decoded = model.decode_image_tokens(paddle.to_tensor(np.asarray(codes, np.int64)))
+    decoded = model.decode_image_tokens(from_numpy(np.asarray(codes, np.int64)))
     return to_uint8_images(decoded.numpy())
 
 
@@ -208,9 +210,9 @@ class DecodeBatch:
     def prefill_text(self, slot: int, input_ids: np.ndarray, *, image_mask: np.ndarray | None = None,
                      pixel_values: np.ndarray | None = None) -> np.ndarray:
         """Run the prompt into cache row `slot` (from reserve_text); its last position's logits [vocab]."""
-        embeds = self.model.embed_tokens(paddle.to_tensor(np.asarray(input_ids, np.int64)[None]))
+        embeds = self.model.embed_tokens(from_numpy(np.asarray(input_ids, np.int64)[None]))
         if pixel_values is not None and len(pixel_values):
-            features = self.encode_images(paddle.to_tensor(pixel_values))
+            features = self.encode_images(from_numpy(pixel_values))
             embeds = merge_image_features(embeds, features, image_mask)
         hidden = self._forward(embeds, [slot], [0])
         return self.model.text_logits(hidden[:, -1]).numpy()[0]
@@ -232,7 +234,7 @@ class DecodeBatch:
         tokens = cfg_prompt_rows(np.asarray(prompt_ids, np.int64), pad_id, n)
         slots = self.pool.take(2 * n)
         try:
-            embeds = self.model.embed_tokens(paddle.to_tensor(tokens))
+            embeds = self.model.embed_tokens(from_numpy(tokens))
             hidden = self._forward(embeds, slots, [0] * (2 * n))
             logits = self.model.image_logits(hidden[:, -1]).numpy()
         except BaseException:
@@ -275,13 +277,13 @@ class DecodeBatch:
         parts, slots, starts = [], [], []
         if text:
             ids = np.array([[s.generated[-1]] for s in text], np.int64)
-            parts.append(self.model.embed_tokens(paddle.to_tensor(ids)))
+            parts.append(self.model.embed_tokens(from_numpy(ids)))
             for s in text:
                 slots.append(s.slot)
                 starts.append(s.length)
         if image:
             codes = np.array([[c[-1]] for s in image for c in s.codes for _ in (0, 1)], np.int64)
-            parts.append(self.model.embed_image_tokens(paddle.to_tensor(codes)))
+            parts.append(self.model.embed_image_tokens(from_numpy(codes)))
             for s in image:
                 slots.extend(s.slots)
                 starts.extend([s.length] * s.rows)
@@ -347,7 +349,7 @@ def merge_image_features(embeds, features, image_mask):
         raise ValueError(f"{len(positions)} image positions in the prompt for "
                          f"{features.shape[0]} x {features.shape[1]} image features")
     flat = embeds.reshape([-1, embeds.shape[-1]])
-    flat = paddle.scatter(flat, paddle.to_tensor(positions), features.reshape([-1, flat.shape[-1]]).astype(flat.dtype))
+    flat = paddle.scatter(flat, from_numpy(positions), features.reshape([-1, flat.shape[-1]]).astype(flat.dtype))
     return flat.reshape(embeds.shape)
 
 

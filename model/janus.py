@@ -11,6 +11,7 @@ import paddle.nn.functional as F
 from .config import AlignerConfig, GenHeadConfig, JanusConfig
 from .llama import KVCache, LlamaForCausalLM, linear
 from .siglip import SigLIPVisionTower
+from .tensors import from_numpy
 from .vq import VQModel
 
 
@@ -104,7 +105,7 @@ class JanusModel(nn.Layer):
             raise ValueError(f"{int(mask.sum())} image positions but {features.shape[0]} image features")
         batch, length, hidden = embeds.shape
         flat = embeds.reshape([batch * length, hidden])
-        flat[paddle.to_tensor(np.flatnonzero(mask.reshape(-1)))] = features.astype(flat.dtype)
+        flat[from_numpy(np.flatnonzero(mask.reshape(-1)))] = features.astype(flat.dtype)
         return flat.reshape([batch, length, hidden])
 
     @paddle.no_grad()
@@ -148,5 +149,5 @@ def _numpy(value) -> np.ndarray:
 
 
 def _tensor(value, dtype: str) -> paddle.Tensor:
-    tensor = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(np.asarray(value))
+    tensor = value if isinstance(value, paddle.Tensor) else from_numpy(np.asarray(value))
     return tensor if tensor.dtype == getattr(paddle, dtype) else tensor.astype(dtype)

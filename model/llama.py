@@ -17,6 +17,7 @@ import paddle.nn.functional as F
 from . import cpu_blas
 from .config import LlamaConfig
 from .cpu_attention import Group, attend, plan_groups, prompt_attention, write_cache
+from .tensors import from_numpy
 
 # Cached-token attention on CPU float32 runs in numpy on the cache's memory (model/cpu_attention.py);
 # False keeps it in Paddle everywhere (for comparison: bench/cpu_attention_bench.py).
@@ -129,7 +130,7 @@ class Attention(nn.Layer):
             else:
                 out = attend(q.reshape([batch * length, heads, head_dim]).numpy(), np.from_dlpack(k_cache),
                              np.from_dlpack(v_cache), step.groups, kv_heads=kv_heads, length=length, scale=self.scale)
-            return linear(self.o_proj, paddle.to_tensor(out.reshape(batch, length, heads * head_dim)))
+            return linear(self.o_proj, from_numpy(out.reshape(batch, length, heads * head_dim)))
 
         k_cache[step.write_block, step.write_slot, :, step.write_offset] = k
         v_cache[step.write_block, step.write_slot, :, step.write_offset] = v.reshape([batch, length, kv_heads, head_dim])
@@ -260,14 +261,14 @@ class LlamaModel(nn.Layer):
         every_slot = batch == cache.num_slots and bool((slots == np.arange(batch)).all())
         write = (positions // block_size, np.broadcast_to(slots[:, None], positions.shape).copy(), positions % block_size)
         return _Step(
-            cos=_to_dtype(paddle.to_tensor(cos[:, :, None, :]), dtype),
-            sin_signed=_to_dtype(paddle.to_tensor(sin[:, :, None, :]), dtype),
-            write_block=None if host else paddle.to_tensor(write[0]),
-            write_slot=None if host else paddle.to_tensor(write[1]),
-            write_offset=None if host else paddle.to_tensor(write[2]),
-            read_slots=None if every_slot or on_host else paddle.to_tensor(slots),
+            cos=_to_dtype(from_numpy(cos[:, :, None, :]), dtype),
+            sin_signed=_to_dtype(from_numpy(sin[:, :, None, :]), dtype),
+            write_block=None if host else from_numpy(write[0]),
+            write_slot=None if host else from_numpy(write[1]),
+            write_offset=None if host else from_numpy(write[2]),
+            read_slots=None if every_slot or on_host else from_numpy(slots),
             read_blocks=read_blocks,
-            mask=None if mask is None else _to_dtype(paddle.to_tensor(mask), dtype),
+            mask=None if mask is None else _to_dtype(from_numpy(mask), dtype),
             fresh=fresh,
             groups=groups,
             host_write=tuple(w.reshape(-1) for w in write) if host else None,
@@ -311,7 +312,7 @@ def linear(layer: nn.Linear, x: paddle.Tensor) -> paddle.Tensor:
             out = np.stack([row @ w for row in rows]) if len(rows) <= NUMPY_LINEAR_GEMV_ROWS else rows @ w
         if layer.bias is not None:
             out += np.from_dlpack(layer.bias.detach())
-        return paddle.to_tensor(out.reshape(*x.shape[:-1], out.shape[-1]))
+        return from_numpy(out.reshape(*x.shape[:-1], out.shape[-1]))
     return layer(x)
 
 

@@ -12,6 +12,7 @@ import paddle.nn.functional as F
 from . import llama
 from .config import VisionConfig
 from .cpu_attention import prompt_attention
+from .tensors import from_numpy
 
 LAYER_NORM_EPS = 1e-6
 
@@ -29,7 +30,7 @@ class VisionAttention(nn.Layer):
         if llama.numpy_attention(x):
             qkv = llama.linear(self.qkv, x).reshape([batch, tokens, 3, self.heads, self.head_dim]).numpy()
             out = prompt_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=self.head_dim**-0.5, causal=False)
-            return llama.linear(self.proj, paddle.to_tensor(out))
+            return llama.linear(self.proj, from_numpy(out))
         qkv = self.qkv(x).reshape([batch, tokens, 3, self.heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
         q, k, v = qkv[0], qkv[1], qkv[2]
         scores = paddle.matmul(q * (self.head_dim**-0.5), k, transpose_y=True)

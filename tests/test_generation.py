@@ -156,3 +156,48 @@ def test_cache_rows_are_freed_and_too_long_requests_refused(model, golden):
     with pytest.raises(ValueError, match="cache positions"):
         batch.add_images("x", prompt, pad_id=pad, n=1)
     assert batch.pool.free == 2
+
+
+def test_preview_palette_recovers_a_per_token_linear_decoder():
+    """Where the decoder paints each token's 16x16 patch in a linear function of its codebook row, the
+    fitted palette is that function; tokens not sampled yet are grey."""
+    from model.preview import PreviewPalette
+
+    rng = np.random.default_rng(3)
+    codebook = rng.standard_normal((500, 8))
+    rows = codebook / np.linalg.norm(codebook, axis=-1, keepdims=True)
+    mix, offset = rng.uniform(-60, 60, (8, 3)), np.array([120.0, 130.0, 110.0])
+
+    def decode(codes):
+        colors = rows[codes[0]] @ mix + offset  # [576, 3]
+        return np.repeat(np.repeat(colors.reshape(1, 24, 24, 3), 16, axis=1), 16, axis=2)
+
+    palette = PreviewPalette.fit(codebook, decode)
+    expected = np.clip(np.rint(rows @ mix + offset), 0, 255)
+    assert np.abs(palette.colors.astype(float) - expected).max() <= 1
+    codes = rng.integers(0, 500, (2, 100))
+    previews = palette.previews(codes)
+    assert previews.shape == (2, 24, 24, 3) and previews.dtype == np.uint8
+    flat = previews.reshape(2, 576, 3)
+    assert np.array_equal(flat[:, :100], palette.colors[codes]) and (flat[:, 100:] == 128).all()
+
+
+
+def test_decode_steps_leave_no_python_objects_behind(model, golden):
+    """A worker steps millions of times: a step must not keep anything alive. (paddle.to_tensor kept a
+    list per call in Paddle 3.3.1: a worker's memory grew without end; model/tensors.py.)"""
+    import gc
+
+    arrays, _ = golden
+    batch = DecodeBatch(model, slots=3, max_len=1024)
+    batch.add_text("text", **understanding_inputs(arrays, "conv1"), max_new_tokens=300, eos_id=-1)
+    batch.add_images("image", arrays["generation.input_ids"][0].astype(np.int64), pad_id=0, n=1, rngs=image_rngs(1, 1)[1])
+    for _ in range(5):
+        batch.step()
+    gc.collect()
+    before = len(gc.get_objects())
+    for _ in range(100):
+        batch.step()
+    gc.collect()
+    # the sequences' own lists grow by a token per step and hold ints, which gc does not track
+    assert len(gc.get_objects()) - before < 20
