@@ -61,11 +61,12 @@ def test_metrics_count_requests_and_read_engine_stats(server, client):
     assert samples["janus_worker_restarts_total"][0].value == 0
 
 
-def test_openapi_documents_both_body_types_and_the_defaults(server):
+def test_openapi_documents_the_body_types_and_the_defaults(server):
     with server.client(api_key=None) as http:
         schema = http.get("/openapi.json").json()
     understand = schema["paths"]["/understand"]["post"]["requestBody"]["content"]
-    assert set(understand) == {"application/json", "multipart/form-data"}
+    assert set(understand) == {"application/json", "multipart/form-data", "application/x-www-form-urlencoded"}
+    assert "image" not in understand["application/x-www-form-urlencoded"]["schema"]["properties"]  # no files
     properties = understand["application/json"]["schema"]["properties"]
     # the default 512 is lowered to the test server's limit of 256, which the document states
     assert properties["max_new_tokens"]["default"] == 256 and properties["max_new_tokens"]["maximum"] == 256
