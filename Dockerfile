@@ -1,7 +1,8 @@
-# syntax=docker/dockerfile:1
 # Two images: `--target gpu` (CUDA + paddlepaddle-gpu from Paddle's index) and
 # `--target cpu` (slim Python + PyPI paddlepaddle). Weights are never baked in:
 # they live in the /models volume (JANUS_HOME). See the Deployment section of README.md.
+# Must build with the legacy builder (DOCKER_BUILDKIT=0) as well as BuildKit, so no
+# `# syntax=` line and no BuildKit-only flags: COPY keeps the scripts' 0755 from git.
 
 # The CUDA base and Paddle's wheel index must name the same CUDA (12.6 here);
 # PADDLE_GPU_VERSION follows the paddlepaddle pin in constraints.txt.
@@ -23,18 +24,20 @@ COPY server ./server
 RUN /opt/venv/bin/pip install --no-cache-dir -c constraints.txt .
 
 FROM ${PYTHON_IMAGE} AS cpu
+# libgomp1: Paddle's libcommon.so and libdnnl.so.3 need the GNU OpenMP runtime, which
+# slim bases lack; tests/test_container.py checks what Paddle's libraries need is here.
 # Debian's versions move with security updates; pinning them would break rebuilds.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends tini \
+ && apt-get install -y --no-install-recommends tini libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 janus \
  && useradd --no-log-init --uid 10001 --gid janus --create-home --shell /usr/sbin/nologin janus \
  && mkdir /models \
  && chown janus:janus /models
 COPY --from=cpu-build /opt/venv /opt/venv
-COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/janus-entrypoint
-COPY --chmod=0755 docker/healthcheck.py /usr/local/bin/janus-healthcheck
+COPY docker/entrypoint.sh /usr/local/bin/janus-entrypoint
+COPY docker/healthcheck.py /usr/local/bin/janus-healthcheck
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     JANUS_HOME=/models \
@@ -53,10 +56,12 @@ ENTRYPOINT ["tini", "--", "janus-entrypoint"]
 # GPU image: the same on CUDA, with paddlepaddle-gpu in place of paddlepaddle.
 FROM ${CUDA_IMAGE} AS gpu-base
 ARG DEBIAN_FRONTEND=noninteractive
+# The same setup as the cpu stage (tests/test_container.py keeps them in agreement),
+# plus the Python and CA certificates the slim Python image has and the CUDA one lacks.
 # Ubuntu's versions move with security updates; pinning them would break rebuilds.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv tini ca-certificates \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv tini ca-certificates libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 janus \
  && useradd --no-log-init --uid 10001 --gid janus --create-home --shell /usr/sbin/nologin janus \
@@ -86,8 +91,8 @@ RUN grep -v '^paddlepaddle==' constraints.txt > /tmp/constraints-gpu.txt \
 
 FROM gpu-base AS gpu
 COPY --from=gpu-build /opt/venv /opt/venv
-COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/janus-entrypoint
-COPY --chmod=0755 docker/healthcheck.py /usr/local/bin/janus-healthcheck
+COPY docker/entrypoint.sh /usr/local/bin/janus-entrypoint
+COPY docker/healthcheck.py /usr/local/bin/janus-healthcheck
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     JANUS_HOME=/models \
