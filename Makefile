@@ -19,4 +19,4 @@ serve: install
 	$(BIN)/janus-server serve --model $(MODEL) $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -rs $(ARGS)
