@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import routes_native, routes_openai, routes_ops
+from server import routes_native, routes_openai, routes_ops, routes_playground
 from server.engine.client import EngineClient
 from server.engine.types import new_request_id
 from server.errors import (
@@ -250,6 +250,7 @@ def create_app(settings: Settings, engine: EngineClient | None = None) -> FastAP
     document_limits(app, settings)
     protected = [Depends(require_api_key)]
     app.include_router(routes_ops.router)
+    app.include_router(routes_playground.router)
     app.include_router(routes_native.router, dependencies=protected)
     app.include_router(routes_openai.router, dependencies=protected)
     if settings.cors_origins:
