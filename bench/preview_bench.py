@@ -22,18 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import median_seconds  # noqa: E402  (bench/timing.py)
 from server.engine.client import EngineClient  # noqa: E402
 from server.engine.types import EngineConfig, GenerateRequest  # noqa: E402
-
-
-def timed(call, repeat: int) -> float:
-    """Median seconds of `call()` over `repeat` runs."""
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def part_costs(model_path: Path, n: int) -> None:
@@ -44,22 +35,22 @@ def part_costs(model_path: Path, n: int) -> None:
 
     model = load_model(model_path)
     codebook = model.gen_vision_model.codebook.weight.numpy()
-    fit = timed(lambda: PreviewPalette.fit(codebook, lambda c: decode_images(model, c)), 3)
+    fit = median_seconds(lambda: PreviewPalette.fit(codebook, lambda c: decode_images(model, c)), 3)
     print(f"palette fit with the eager VQ decoder: {fit * 1e3:.1f} ms")
     try:  # what a CPU worker fits with, when the openvino package is installed
         from model.cpu_engine import CpuVQDecoder
         from model.generation import to_uint8_images
 
         program = CpuVQDecoder(model, single_thread_copy=True)
-        fit = timed(lambda: PreviewPalette.fit(codebook, lambda c: to_uint8_images(program.decode(c))), 3)
+        fit = median_seconds(lambda: PreviewPalette.fit(codebook, lambda c: to_uint8_images(program.decode(c))), 3)
         print(f"palette fit with the OpenVINO VQ decoder: {fit * 1e3:.1f} ms")
     except Exception as error:  # noqa: BLE001 - only a figure less
         print(f"(no OpenVINO VQ decoder: {error})")
     palette = PreviewPalette.fit(codebook, lambda c: decode_images(model, c))
     codes = np.random.default_rng(0).integers(0, len(codebook), (n, 288))
-    lookup = timed(lambda: palette.previews(codes), 200)
+    lookup = median_seconds(lambda: palette.previews(codes), 200)
     previews = palette.previews(codes)
-    encode = timed(lambda: [base64.b64encode(image_bytes(p)).decode() for p in previews], 200)
+    encode = median_seconds(lambda: [base64.b64encode(image_bytes(p)).decode() for p in previews], 200)
     print(f"previews of {n} image(s) at step 288: lookup {lookup * 1e6:.0f} us, "
           f"24x24 PNG + base64 {encode * 1e6:.0f} us")
 

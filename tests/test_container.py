@@ -28,15 +28,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
-import warnings
 from pathlib import Path
 
 import httpx
 import pytest
 
-from test_deploy import DOCKERFILE, ENTRYPOINT, HEALTHCHECK, ROOT, dockerfile_stages, stage_values
+from test_deploy import (
+    DOCKERFILE, ENTRYPOINT, HEALTHCHECK, ROOT, InFlightGeneration, dockerfile_stages, stage_values,
+)
 
 RUNTIME_STAGES = ("cpu", "gpu-base")
 # What the gpu-base stage installs beyond the cpu stage: the slim Python image has these, the CUDA image does not.
@@ -514,31 +514,20 @@ def test_healthcheck_turns_healthy(served):
 
 
 @container
+def test_the_playground_page_is_in_the_image(served):
+    """The page's files are package data of the installed (not editable) server."""
+    page = served.client.get("/")
+    assert page.status_code == 200 and "playground.js" in page.text
+    assert served.client.get("/playground/playground.js").status_code == 200
+
+
+@container
 def test_docker_stop_drains_the_running_request_and_exits_0(served):
-    in_flight: dict[str, object] = {}
-
-    def generate() -> None:
-        try:
-            in_flight["response"] = httpx.post(f"{served.base_url}/generate", json={"prompt": "a blue boat", "n": 4},
-                                               timeout=300, trust_env=False)
-        except httpx.HTTPError as error:
-            in_flight["response"] = error
-
-    request = threading.Thread(target=generate)
-    request.start()
-    running = re.compile(r"^janus_running_rows(?:{[^}]*})? (\S+)$", re.MULTILINE)
-    while request.is_alive() and not sum(float(v) for v in running.findall(served.client.get("/metrics").text)):
-        time.sleep(0.05)
-    if not request.is_alive():
-        warnings.warn("the request finished before `docker stop`: draining went untested this run")
+    in_flight = InFlightGeneration(served.base_url, served.client, 4, "`docker stop`")
     started = time.monotonic()
     served.docker.run("stop", "-t", str(STOP_GRACE), served.name, timeout=STOP_GRACE + 60)
     stopped = time.monotonic() - started
-    request.join(timeout=300)
-    response = in_flight["response"]
-    assert isinstance(response, httpx.Response), f"the in-flight request failed: {response!r}\n{served.logs()}"
-    assert response.status_code == 200, response.text[:500]
-    assert len(response.json()["images"]) == 4
+    assert len(in_flight.response(f"\n{served.logs()}").json()["images"]) == 4
     state = served.state()
     assert not state["OOMKilled"]
     assert stopped < STOP_GRACE, f"docker stop took {stopped:.0f} s: the server did not stop within the grace period"
