@@ -206,7 +206,8 @@ def test_a_connection_over_the_cap_gets_503_and_the_cap_frees_up(slow_header_ser
 def test_retry_after_agrees_with_how_fast_the_queue_really_drains(server_loop, janus_home):
     """A 200-request burst against 8 waiting places: every 429's Retry-After is within reach of when the
     queue it was refused by had in fact drained (it was 18-52 s against a 9 s drain, before)."""
-    live = server_loop.start(server_settings(janus_home, max_queue=8, max_new_tokens_limit=64))
+    # two requests run at once, eight wait: a burst of 200 overflows that whatever the machine's speed
+    live = server_loop.start(server_settings(janus_home, max_queue=8, max_running_requests=2, max_new_tokens_limit=64))
 
     async def run() -> list[tuple[float, int, str | None]]:
         limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
@@ -218,8 +219,8 @@ def test_retry_after_agrees_with_how_fast_the_queue_really_drains(server_loop, j
             await http.post("/understand", json={"question": "warm up", "max_new_tokens": 16})
 
             async def one(i: int) -> tuple[float, int, str | None]:
-                response = await http.post("/understand", json={
-                    "question": f"Tell story {i}.", "max_new_tokens": 16, "temperature": 0.0})
+                response = await http.post("/understand", json={  # sampled: no early end of text
+                    "question": f"Tell story {i}.", "max_new_tokens": 64, "temperature": 1.0, "seed": i})
                 return time.monotonic(), response.status_code, response.headers.get("retry-after")
 
             return await asyncio.gather(*(one(i) for i in range(200)))
@@ -227,7 +228,7 @@ def test_retry_after_agrees_with_how_fast_the_queue_really_drains(server_loop, j
     answers = asyncio.run(run())
     accepted = [t for t, status, _ in answers if status == 200]
     refused = [(t, int(after)) for t, status, after in answers if status == 429]
-    assert len(accepted) + len(refused) == 200 and refused and accepted
+    assert len(accepted) + len(refused) == 200 and len(refused) >= 100 and accepted
     drained_at = max(accepted)
     for refused_at, after in refused:
         # integer seconds, at least 1; an estimate, so within twice the real remaining drain time
