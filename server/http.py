@@ -25,6 +25,7 @@ from server.errors import error_body, retry_after_headers
 from server.settings import Settings
 
 REQUEST_TIMEOUT_STATUS = 408
+LINGER_SECONDS = 2.0  # after a 408, how long the client's further bytes are read and dropped
 
 
 def drain_bound(limit: int) -> int:
@@ -77,6 +78,7 @@ def protocol_class(header_timeout: float, max_connections: int) -> type[HttpTool
 
     class Protocol(HttpToolsProtocol):
         header_timer: asyncio.TimerHandle | None = None
+        lingering = False  # answered 408: what arrives now is dropped
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -105,11 +107,22 @@ def protocol_class(header_timeout: float, max_connections: int) -> type[HttpTool
                 self.header_timer.cancel()
                 self.header_timer = None
 
+        def data_received(self, data: bytes) -> None:
+            if not self.lingering:
+                super().data_received(data)
+
         def headers_too_slow(self) -> None:
+            """Answer 408, then close gracefully: stop sending, and read and drop what the client
+            still sends for a moment, since closing with bytes unread would reset the connection
+            before the client reads the answer."""
             self.header_timer = None
-            if not self.transport.is_closing():
-                self.transport.write(timeout_response)
-                self.transport.close()
+            if self.transport.is_closing():
+                return
+            self.transport.write(timeout_response)
+            self.lingering = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     return Protocol
 

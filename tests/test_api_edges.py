@@ -155,9 +155,9 @@ def test_connections_trickling_headers_are_closed_after_the_header_timeout(slow_
                         break
                 except asyncio.TimeoutError:
                     continue
-        except ConnectionError:
+            answer += await asyncio.wait_for(reader.read(), timeout=10)
+        except ConnectionError:  # closed while a byte was on its way: reset, the 408 may be lost
             pass
-        answer += await asyncio.wait_for(reader.read(), timeout=10)
         writer.close()
         return time.monotonic() - started, answer
 
@@ -169,10 +169,15 @@ def test_connections_trickling_headers_are_closed_after_the_header_timeout(slow_
         return await asyncio.gather(*slow), during
 
     closed, during = asyncio.run(run())
-    for seconds, answer in closed:
+    for seconds, _ in closed:
+        assert seconds < 3, f"a trickling connection was kept {seconds:.1f} s"
+    # The server drops what arrives after its 408 for a while before it closes (server/http.py), so a
+    # client reads the answer; only one whose byte arrives as the socket closes may see a reset instead.
+    answered = [answer for _, answer in closed if answer]
+    assert len(answered) >= 60, f"{64 - len(answered)} of 64 connections were reset before reading the 408"
+    for answer in answered:
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "header_timeout"
-        assert seconds < 3, f"a trickling connection was kept {seconds:.1f} s"
     assert during == [200, 200, 200]
 
 
