@@ -21,7 +21,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.errors import error_body, retry_after_headers
+from server.errors import error_body, error_response, retry_after_headers
 from server.settings import Settings
 
 REQUEST_TIMEOUT_STATUS = 408
@@ -34,34 +34,28 @@ def drain_bound(limit: int) -> int:
     return max(4 * limit, 64 * 1024 * 1024)
 
 
-async def drain(receive: Receive, bound: int, already: int = 0) -> bool:
-    """Read and discard the rest of the request body, up to `bound` bytes in all; whether it ended."""
+async def drain(receive: Receive, bound: int, already: int = 0) -> None:
+    """Read and discard the rest of the request body, up to `bound` bytes in all."""
     size = already
     while size <= bound:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return False
+            return
         size += len(message.get("body", b""))
         if not message.get("more_body", False):
-            return True
-    return False
+            return
 
 
 def over_capacity_app(max_connections: int) -> ASGIApp:
     """What a request on a connection over the cap is answered with."""
-    body = json.dumps(error_body(
-        503, f"The server already has {max_connections} connections open; retry shortly.",
-        code="too_many_connections")).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close"),
-               *((k.lower().encode(), v.encode()) for k, v in retry_after_headers(1).items())]
+    message = f"The server already has {max_connections} connections open; retry shortly."
+    headers = {"Connection": "close", **retry_after_headers(1)}
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         await drain(receive, drain_bound(0))
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await error_response(503, message, code="too_many_connections", headers=headers)(scope, receive, send)
 
     return app
 
