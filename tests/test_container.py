@@ -36,6 +36,7 @@ import pytest
 
 from test_deploy import (
     DOCKERFILE, ENTRYPOINT, HEALTHCHECK, ROOT, InFlightGeneration, dockerfile_stages, stage_values,
+    wait_until_ready,
 )
 
 RUNTIME_STAGES = ("cpu", "gpu-base")
@@ -411,6 +412,11 @@ class Served:
     def state(self) -> dict:
         return json.loads(self.docker.run("inspect", "-f", "{{json .State}}", self.name).stdout)
 
+    def exit_code(self) -> int | None:
+        """None while the container runs."""
+        state = self.state()
+        return None if state["Running"] else state["ExitCode"]
+
 
 @pytest.fixture(scope="module")
 def served(docker, image):
@@ -421,19 +427,7 @@ def served(docker, image):
                "-e", "JANUS_HOST=127.0.0.1", "-e", f"JANUS_PORT={port}", "--health-interval", "2s",
                "--health-start-period", "5m", image)
     server = Served(docker, name, port)
-    deadline = time.monotonic() + 300
-    while True:
-        state = server.state()
-        assert state["Running"], f"the container exited with {state['ExitCode']}:\n{server.logs()}"
-        assert time.monotonic() < deadline, f"/ready never answered 200:\n{server.logs()}"
-        try:
-            ready = server.client.get("/ready", timeout=5)
-            if ready.status_code == 200:
-                break
-            assert ready.status_code == 503, ready.text
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    wait_until_ready(server.client, 300, server.exit_code, server.logs)
     yield server
     server.client.close()
 

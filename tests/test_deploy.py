@@ -568,6 +568,24 @@ def metric_total(text: str, name: str) -> float:
     return sum(float(v) for v in values)
 
 
+def wait_until_ready(client: httpx.Client, timeout: float, exit_code, output) -> None:
+    """Poll /ready until it answers 200 (503 meanwhile); fail, with `output()`, once the server has exited
+    (`exit_code()` is not None) or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code = exit_code()
+        assert code is None, f"the server exited with {code}:\n{output()}"
+        assert time.monotonic() < deadline, f"/ready never answered 200:\n{output()}"
+        try:
+            ready = client.get("/ready", timeout=5)
+            if ready.status_code == 200:
+                return
+            assert ready.status_code == 503, ready.text
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+
+
 class InFlightGeneration:
     """A /generate of `n` images sent from a thread; once constructed, the engine is running it."""
 
@@ -660,18 +678,7 @@ def test_entrypoint_serves_janus_tiny_and_drains_on_sigterm():
 
     client = httpx.Client(base_url=base, timeout=300, trust_env=False)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, f"the server exited with {process.returncode}:\n{output()}"
-            assert time.monotonic() < deadline, f"/ready never answered 200:\n{output()}"
-            try:
-                ready = client.get("/ready", timeout=5)
-                if ready.status_code == 200:
-                    break
-                assert ready.status_code == 503, ready.text
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_until_ready(client, 600, process.poll, output)
 
         assert any(volume.iterdir()), "the model should be in JANUS_HOME (the volume)"
         assert not (home / ".cache" / "janus-server").exists(), "nothing should be cached outside the volume"
