@@ -49,9 +49,28 @@ class EngineStatsCollector(Collector):
             "janus_images_generated", "Images generated.", value=stats.images_generated_total
         )
         yield CounterMetricFamily("janus_decode_steps", "Batched decode steps run.", value=stats.steps_total)
+        caches = {
+            "janus_kv_cache_bytes": ("Bytes of each worker's KV cache, as it sized it from free memory.", "bytes"),
+            "janus_kv_cache_rows": ("Rows of each worker's KV cache (1 per understanding request, 2 per image).",
+                                    "rows"),
+            "janus_kv_cache_row_positions": ("Positions per KV-cache row: the longest prompt and answer.", "row_length"),
+            "janus_kv_cache_images_at_once": ("Images a worker's KV cache holds at once.", "images_at_once"),
+            "janus_memory_free_bytes": ("Memory a worker's device had free once the model was loaded.", "free_bytes"),
+        }
+        for name, (documentation, key) in caches.items():
+            family = GaugeMetricFamily(name, documentation, labels=["worker", "device"])
+            for cache in self.engine.caches:
+                family.add_metric([str(cache["worker"]), cache["device"]], cache[key])
+            yield family
         yield CounterMetricFamily(
             "janus_worker_restarts", "Model workers restarted after dying.", value=stats.worker_restarts_total
         )
+        deaths = CounterMetricFamily(
+            "janus_worker_deaths", "Model worker processes that died, by cause (killed_while_loading is most "
+            "likely the OOM killer).", labels=["cause"])
+        for cause, count in stats.worker_deaths.items():
+            deaths.add_metric([cause], count)
+        yield deaths
 
 
 class ServerMetrics:

@@ -22,12 +22,17 @@ async def ready(request: Request) -> JSONResponse:
     engine = engine_of(request)
     if not engine.ready:
         failure = engine.error
-        message = f"The model failed to load: {failure}" if failure else "The model is not loaded yet, or no worker is up."
+        if failure:
+            message = f"The model failed to load: {failure}"
+        else:
+            problems = engine.loading_problems
+            message = "The model is not loaded yet, or no worker is up" + (
+                f": {'; '.join(problems)}." if problems else ".")
         return error_response(
             503, message, code="model_load_failed" if failure else "not_ready",
             headers=retry_after_headers(NOT_READY_RETRY_AFTER),
         )
-    return JSONResponse({"status": "ready", "model": engine.model_id})
+    return JSONResponse({"status": "ready", "model": engine.model_id, "kv_cache": engine.caches})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

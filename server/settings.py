@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.engine.memory import DEFAULT_MEMORY_FRACTION
 from server.engine.types import EngineConfig
 
 CommaList = Annotated[list[str], NoDecode]
@@ -52,11 +53,17 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest width x height of an uploaded image.")
     max_prompt_chars: int = Field(65536, ge=1, description="Longest prompt / conversation text, in characters.")
     max_new_tokens_limit: int = Field(
-        4096, ge=1, description="Largest max_new_tokens / max_tokens a request may ask for."
+        2048, ge=1, description="Largest max_new_tokens / max_tokens a request may ask for; every KV-cache row "
+        "holds one image and a question plus this many tokens."
     )
     max_queue: int = Field(64, ge=1, description="Requests waiting before the server answers 429.")
-    max_batch_rows: int = Field(32, ge=1, description="Rows in one worker batch (1 per text request, 2 per image).")
-    max_cache_tokens: int = Field(65536, ge=1, description="KV-cache positions per worker.")
+    memory_fraction: float = Field(
+        DEFAULT_MEMORY_FRACTION, gt=0, le=1, description="Share of the memory free once the model is loaded (host "
+        "RAM on CPU, the GPU's own on GPU) that a worker's KV cache takes; the rest is room for activations.")
+    max_batch_rows: int = Field(
+        32, ge=1, description="Most rows in one worker batch (1 per text request, 2 per image); fewer if memory is short.")
+    max_cache_tokens: int | None = Field(
+        None, ge=1, description="Most KV-cache positions per worker, over all rows (default: as memory allows).")
     max_running_requests: int = Field(
         0, ge=0, description="Requests running at once per worker; 0: as many as the rows allow, 1: no batching."
     )
@@ -89,6 +96,8 @@ class Settings(BaseSettings):
             max_queue=self.max_queue,
             max_batch_rows=self.max_batch_rows,
             max_cache_tokens=self.max_cache_tokens,
+            memory_fraction=self.memory_fraction,
+            max_new_tokens_limit=self.max_new_tokens_limit,
             max_running_requests=self.max_running_requests,
             request_timeout=self.request_timeout,
             offline=self.offline,

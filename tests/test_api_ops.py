@@ -33,7 +33,16 @@ def test_health_and_ready_need_no_api_key(server):
         assert http.get("/health").json() == {"status": "ok"}
         ready = http.get("/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "model": MODEL_ID}
+    body = ready.json()
+    assert (body["status"], body["model"]) == ("ready", MODEL_ID)
+    # The worker's KV cache, sized from the memory free after loading: janus-tiny's rows are as long as its
+    # context (4096), each position a key and a value of 2 layers x 64 float32 values.
+    [cache] = body["kv_cache"]
+    assert (cache["worker"], cache["device"], cache["row_length"], cache["bytes_per_position"]) == (0, "cpu", 4096, 1024)
+    assert cache["rows"] == 32 and cache["images_at_once"] == 16 and cache["understanding_at_once"] == 32
+    assert cache["bytes"] == cache["rows"] * cache["row_length"] * cache["bytes_per_position"]
+    assert cache["positions"] == cache["rows"] * cache["row_length"]
+    assert cache["free_bytes"] > cache["bytes"] and cache["loaded_bytes"] > 0
 
 
 def test_metrics_count_requests_and_read_engine_stats(server, client):
@@ -58,6 +67,12 @@ def test_metrics_count_requests_and_read_engine_stats(server, client):
     assert "janus_queue_length" in samples and "janus_running_rows" in samples
     assert "janus_images_generated_total" in samples and "janus_running_requests" in samples
     assert samples["janus_decode_steps_total"][0].value >= 1
+    [cache_bytes] = samples["janus_kv_cache_bytes"]
+    assert cache_bytes.labels == {"worker": "0", "device": "cpu"} and cache_bytes.value == 32 * 4096 * 1024
+    assert [(s.value) for s in samples["janus_kv_cache_rows"]] == [32]
+    assert [(s.value) for s in samples["janus_kv_cache_row_positions"]] == [4096]
+    assert [(s.value) for s in samples["janus_kv_cache_images_at_once"]] == [16]
+    assert samples["janus_memory_free_bytes"][0].value > cache_bytes.value
     assert samples["janus_worker_restarts_total"][0].value == 0
 
 

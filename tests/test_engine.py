@@ -105,7 +105,9 @@ def loop():
 
 @pytest.fixture(scope="module")
 def engine(loop, tmp_path_factory):
-    engine = start_engine(loop, tmp_path_factory.mktemp("home"), max_batch_rows=24, max_cache_tokens=24 * 1024)
+    # 24 rows of 1024 positions: an image and a question, then up to 384 new tokens.
+    engine = start_engine(loop, tmp_path_factory.mktemp("home"), max_batch_rows=24, max_cache_tokens=24 * 1024,
+                          max_new_tokens_limit=384)
     yield engine
     pids = engine_pids(engine)
     assert len(pids) == 2  # janus-tiny prefills in a process of its own
@@ -301,6 +303,8 @@ def test_killed_worker_fails_running_requests_and_serves_waiting_ones(loop, tmp_
         assert all(isinstance(f, WorkerRestartedError) for f in failed)
         assert all(r.finish_reason in ("stop", "length") for r in served)
         assert worker_pids(engine)[0] != old and engine.stats().worker_restarts_total == 1
+        assert engine.stats().worker_deaths == {"killed_while_loading": 0, "died_while_loading": 0,
+                                                "died_while_serving": 1}
     finally:
         pids = engine_pids(engine)
         loop.run(engine.stop())

@@ -15,12 +15,14 @@ import logging
 import multiprocessing
 import os
 import secrets
+import signal
 import statistics
 import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from server.engine.memory import gb, resident_bytes
 from server.engine.types import (
     EngineConfig, EngineError, EngineNotReadyError, GenerateRequest, GenerateResult,
     InvalidRequestError, OverloadedError, ProgressEvent, RequestFailedError, RequestTimeoutError,
@@ -32,6 +34,10 @@ log = logging.getLogger("janus.engine")
 IMAGE_TOKENS = 576
 # Retry-After's run time of a request before any has been answered (then: the measured mean)
 UNMEASURED_RUN_TIME = 2.0
+# A worker that dies this many times in a row before it is ready is not started again.
+LOADING_DEATHS = 3
+# Why workers die, as /metrics counts them.
+DEATH_CAUSES = ("killed_while_loading", "died_while_loading", "died_while_serving")
 
 
 @dataclasses.dataclass
@@ -47,6 +53,7 @@ class EngineStats:
     steps_total: int
     steps_per_second: float
     worker_restarts_total: int
+    worker_deaths: dict[str, int]  # by cause (DEATH_CAUSES)
 
 
 @dataclasses.dataclass
@@ -62,6 +69,9 @@ class PendingRequest:
     first_token_at: float | None = None
     worker: "WorkerHandle | None" = None
     finished: bool = False
+    length: int = 0  # cache positions each of its rows takes: prompt and new tokens
+    too_long: str = ""  # what it is, for the error when no worker's rows are that long
+    param: str | None = None
 
 
 class WorkerHandle:
@@ -79,11 +89,15 @@ class WorkerHandle:
         self.rows_used = 0
         self.rows = 0
         self.row_length = 0
+        self.cache: dict[str, Any] = {}  # the KV cache it sized for itself (server/engine/memory.py CachePlan.info)
         self.programs: list[str] = []  # the OpenVINO programs the worker runs on CPU
         self.prefill = ""  # how it prefills understanding prompts: "process", "thread" or "inline"
         self.steps = 0
         self.batch_rows = 0  # cache rows in use, as the worker itself last reported
         self.reader: threading.Thread | None = None
+        self.loading_deaths = 0  # deaths in a row before it was ready
+        self.loading_problem: str | None = None  # why the last one died, while it is restarted
+        self.peak_rss = 0  # the most memory its process has held, sampled while it loads
 
     @property
     def alive(self) -> bool:
@@ -112,6 +126,7 @@ class EngineClient:
         self._tokens_total = 0
         self._images_total = 0
         self._restarts = 0
+        self._deaths = dict.fromkeys(DEATH_CAUSES, 0)
         self._rate_window: collections.deque[tuple[float, int]] = collections.deque(maxlen=50)
         self._run_times: collections.deque[float] = collections.deque(maxlen=32)  # of answered requests
 
@@ -162,6 +177,7 @@ class EngineClient:
         return WorkerConfig(
             model_path=str(self._model_path), device=worker.device, dtype=self.config.dtype,
             max_batch_rows=self.config.max_batch_rows, max_cache_tokens=self.config.max_cache_tokens,
+            max_new_tokens=self.config.max_new_tokens_limit, memory_fraction=self.config.memory_fraction,
             max_running_requests=self.config.max_running_requests, cpu_engine=self.config.cpu_engine,
             cpu_vq=self.config.cpu_vq, cpu_vision=self.config.cpu_vision,
             cpu_prefill=self.config.cpu_prefill, threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
@@ -171,6 +187,7 @@ class EngineClient:
         # Worker -> API process: a pipe the worker writes itself (worker.Outbox), not a Queue.
         worker.outbox, sender = self._ctx.Pipe(duplex=False)
         worker.ready = False
+        worker.peak_rss = 0
         worker.running.clear()
         worker.rows_used = 0
         worker.batch_rows = 0
@@ -245,6 +262,11 @@ class EngineClient:
         return fatal[0] if fatal and len(fatal) == len(self._workers) else None
 
     @property
+    def loading_problems(self) -> list[str]:
+        """Why workers that are being started again died before they were ready."""
+        return [f"worker {w.index} {w.loading_problem}" for w in self._workers if w.loading_problem and not w.fatal]
+
+    @property
     def model_id(self) -> str:
         model = self.config.model
         return model if not Path(model).is_dir() else Path(model).resolve().name
@@ -260,12 +282,20 @@ class EngineClient:
         return self._model_config.language.max_position_embeddings
 
     @property
-    def row_length(self) -> int:
-        """Cache positions one request row may use (prompt + new tokens)."""
-        lengths = [w.row_length for w in self._workers if w.row_length]
-        if lengths:
-            return min(lengths)
-        return min(self.config.max_cache_tokens // self.config.max_batch_rows, self.max_context)
+    def row_length(self) -> int | None:
+        """Cache positions one request row may use (prompt + new tokens) on the longest-rowed worker that has
+        sized its cache; None before any has."""
+        return max((w.row_length for w in self._workers if w.row_length), default=None)
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows one request may take: the most any worker has, or the configured bound before any is ready."""
+        return max((w.rows for w in self._workers if w.rows), default=self.config.max_batch_rows)
+
+    @property
+    def caches(self) -> list[dict[str, Any]]:
+        """The KV cache of each worker that has one, as it sized it."""
+        return [{"worker": w.index, "device": w.device, **w.cache} for w in self._workers if w.cache]
 
     def stats(self) -> EngineStats:
         now = time.monotonic()
@@ -285,7 +315,8 @@ class EngineClient:
             images_generated_total=self._images_total,
             steps_total=steps,
             steps_per_second=rate,
-            worker_restarts_total=self._restarts)
+            worker_restarts_total=self._restarts,
+            worker_deaths=dict(self._deaths))
 
     # ---- understanding
 
@@ -298,12 +329,10 @@ class EngineClient:
             raise InvalidRequestError("max_new_tokens must be at least 1", param="max_new_tokens")
         encoded = await asyncio.to_thread(self._encode_understanding, req)
         prompt_len = len(encoded.input_ids)
-        limit = self.row_length
-        if prompt_len + req.max_new_tokens - 1 > limit:
-            raise InvalidRequestError(
-                f"the prompt is {prompt_len} tokens (with {IMAGE_TOKENS} per image) and max_new_tokens is "
-                f"{req.max_new_tokens}; together they exceed this server's context of {limit} tokens",
-                param="messages")
+        length = prompt_len + req.max_new_tokens - 1
+        too_long = (f"the prompt is {prompt_len} tokens (with {IMAGE_TOKENS} per image) and max_new_tokens is "
+                    f"{req.max_new_tokens}; together they exceed")
+        self._check_length(length, too_long, "messages")
         payload = {
             "input_ids": encoded.input_ids, "image_mask": encoded.image_mask,
             "pixel_values": encoded.pixel_values, "temperature": req.temperature, "top_k": req.top_k,
@@ -311,6 +340,7 @@ class EngineClient:
             "frequency_penalty": req.frequency_penalty, "seed": req.seed, "max_new_tokens": req.max_new_tokens,
         }
         request = self._enqueue(req.request_id, "understand", payload, rows=1, timeout=req.timeout)
+        request.length, request.too_long, request.param = length, too_long, "messages"
         decoder = StopStringDecoder(self._processor, req.stop)
         try:
             while True:
@@ -363,16 +393,14 @@ class EngineClient:
         self._check_accepting()
         if req.n < 1:
             raise InvalidRequestError("n must be at least 1", param="n")
-        if 2 * req.n > self.config.max_batch_rows:
+        if 2 * req.n > self.batch_rows:
             raise InvalidRequestError(
                 f"n={req.n} needs {2 * req.n} batch rows (two per image for guidance); this server "
-                f"runs at most {self.config.max_batch_rows}", param="n")
+                f"runs at most {self.batch_rows}", param="n")
         prompt_ids = await asyncio.to_thread(self._processor.encode_generation, req.prompt)
-        limit = self.row_length
-        if len(prompt_ids) + IMAGE_TOKENS - 1 > limit:
-            raise InvalidRequestError(
-                f"the prompt is {len(prompt_ids)} tokens; with {IMAGE_TOKENS} image tokens it exceeds this "
-                f"server's context of {limit} tokens", param="prompt")
+        length = len(prompt_ids) + IMAGE_TOKENS - 1
+        too_long = f"the prompt is {len(prompt_ids)} tokens; with {IMAGE_TOKENS} image tokens it exceeds"
+        self._check_length(length, too_long, "prompt")
         seed = req.seed if req.seed is not None else secrets.randbits(62)
         seeds = [(seed + i) % 2**63 for i in range(req.n)]
         payload = {
@@ -380,6 +408,7 @@ class EngineClient:
             "top_k": req.top_k, "top_p": req.top_p, "seeds": seeds, "preview_every": req.preview_every,
         }
         request = self._enqueue(req.request_id, "generate", payload, rows=2 * req.n, timeout=req.timeout)
+        request.length, request.too_long, request.param = length, too_long, "prompt"
         try:
             while True:
                 kind, data = await self._next_event(request)
@@ -408,6 +437,13 @@ class EngineClient:
             raise EngineNotReadyError(f"model failed to load: {self._boot_error}", retry_after=60)
         if self._processor is None:
             raise EngineNotReadyError("the model is still loading")
+
+    def _check_length(self, length: int, too_long: str, param: str) -> None:
+        """Refuse a request longer than any worker's cache rows, once one has sized its cache (until then,
+        the dispatch checks it: _unservable)."""
+        limit = self.row_length
+        if limit is not None and length > limit:
+            raise InvalidRequestError(f"{too_long} this server's context of {limit} tokens", param=param)
 
     def _enqueue(self, rid: str, kind: str, payload: dict, *, rows: int, timeout: float | None) -> PendingRequest:
         if len(self._waiting) >= self.config.max_queue:
@@ -446,16 +482,35 @@ class EngineClient:
                 if request.finished:
                     self._waiting.popleft()
                     continue
-                worker = self._least_loaded(request.rows)
+                error = self._unservable(request)
+                if error is not None:
+                    self._waiting.popleft()
+                    self._finish(request, error=error)
+                    continue
+                worker = self._least_loaded(request)
                 if worker is None:
                     break
                 self._waiting.popleft()
                 self._send(worker, request)
 
-    def _least_loaded(self, rows: int) -> WorkerHandle | None:
-        limit = self.config.max_running_requests
+    def _unservable(self, request: PendingRequest) -> InvalidRequestError | None:
+        """Why no worker can ever run `request`, once every worker has sized its cache (a request that came
+        in before that was not checked against it); None while it may still run."""
+        sized = [w for w in self._workers if w.row_length and not w.fatal]
+        if not sized or len(sized) < sum(1 for w in self._workers if not w.fatal):
+            return None
+        if any(w.row_length >= request.length and w.rows >= request.rows for w in sized):
+            return None
+        if request.length > self.row_length:
+            return InvalidRequestError(f"{request.too_long} this server's context of {self.row_length} tokens",
+                                       param=request.param)
+        return InvalidRequestError(f"the request needs {request.rows} batch rows (two per image for guidance); "
+                                   f"this server runs at most {self.batch_rows}", param="n")
+
+    def _least_loaded(self, request: PendingRequest) -> WorkerHandle | None:
+        limit, rows = self.config.max_running_requests, request.rows
         candidates = [w for w in self._workers if w.ready and w.alive and w.rows_used + rows <= w.rows
-                      and not (limit and len(w.running) >= limit)]
+                      and w.row_length >= request.length and not (limit and len(w.running) >= limit)]
         return min(candidates, key=lambda w: (w.rows_used, w.index)) if candidates else None
 
     def _send(self, worker: WorkerHandle, request: PendingRequest) -> None:
@@ -500,15 +555,19 @@ class EngineClient:
             try:
                 if not outbox.poll(0.2):
                     if not process.is_alive():
-                        return
+                        break
                     continue
                 message = outbox.recv()
             except (EOFError, OSError, ValueError):  # the worker is gone, or the pipe was closed here
-                return
+                break
             try:
                 self._loop.call_soon_threadsafe(self._on_message, worker, process, message)
             except RuntimeError:
                 return
+        try:  # after its last message, so that a "fatal" it sent is known first
+            self._loop.call_soon_threadsafe(self._on_exit, worker, process)
+        except RuntimeError:
+            pass
 
     def _on_message(self, worker: WorkerHandle, process, message) -> None:
         if process is not worker.process:
@@ -517,12 +576,15 @@ class EngineClient:
         if kind == "ready":
             info = message[1]
             worker.ready = True
+            worker.loading_deaths, worker.loading_problem = 0, None
             worker.rows = info["rows"]
             worker.row_length = info["row_length"]
+            worker.cache = dict(info.get("cache", {}))
             worker.programs = list(info.get("programs", []))
             worker.prefill = info.get("prefill", "inline")
-            log.info("worker %d ready on %s (OpenVINO: %s; understanding prefills: %s)", worker.index,
-                     info["device"], ", ".join(worker.programs) or "none", PREFILL_WHERE[worker.prefill])
+            log.info("worker %d ready on %s (OpenVINO: %s; understanding prefills: %s); %s", worker.index,
+                     info["device"], ", ".join(worker.programs) or "none", PREFILL_WHERE[worker.prefill],
+                     info.get("cache_summary", ""))
             self._wake.set()
         elif kind == "fatal":
             worker.fatal = message[1]
@@ -545,14 +607,52 @@ class EngineClient:
                 elif event == "error":
                     self._finish(request, error=RequestFailedError(f"inference failed: {data}"))
 
+    def _on_exit(self, worker: WorkerHandle, process) -> None:
+        """A worker process ended (its reader saw the pipe close, after its last message).
+
+        One that was serving is started again at once. One that died while loading is started again
+        after a delay that doubles each time, and after LOADING_DEATHS deaths in a row it is given up
+        with the reason, as a worker that reported a fatal error is."""
+        if process is not worker.process or self._stopping or worker.fatal:
+            return
+        process.join(timeout=5)  # its pipe closes as it exits: the exit code follows at once
+        code = process.exitcode
+        if worker.ready:
+            self._deaths["died_while_serving"] += 1
+            self._restart(worker)
+            return
+        killed = code == -signal.SIGKILL
+        self._deaths["killed_while_loading" if killed else "died_while_loading"] += 1
+        worker.loading_deaths += 1
+        reason = loading_death(code, worker.peak_rss)
+        if worker.loading_deaths >= LOADING_DEATHS:
+            worker.fatal = (f"the model worker was {reason}, {worker.loading_deaths} times in a row; it is not "
+                            f"started again" + ("; give it more memory, or a smaller cache (--memory-fraction)"
+                                                if killed else ""))
+            log.error("worker %d: %s", worker.index, worker.fatal)
+            if self.error:
+                self._fail_waiting(lambda: EngineNotReadyError(f"model failed to load: {self.error}"))
+            return
+        delay = self.config.restart_delay * 2 ** (worker.loading_deaths - 1)
+        worker.loading_problem = f"was {reason}; starting it again in {delay:g} s"
+        log.error("worker %d %s (%d of %d tries)", worker.index, worker.loading_problem, worker.loading_deaths,
+                  LOADING_DEATHS)
+        self._loop.call_later(delay, self._restart_after_delay, worker, process, reason)
+
+    def _restart_after_delay(self, worker: WorkerHandle, process, reason: str) -> None:
+        if process is worker.process and not self._stopping and not worker.fatal:
+            worker.loading_problem = (f"was {reason}; it was started again (try {worker.loading_deaths + 1} of "
+                                      f"{LOADING_DEATHS})")
+            self._restart(worker)
+
     async def _watch_loop(self) -> None:
-        """Restart dead workers and time out overdue requests."""
+        """Sample the memory of loading workers and time out overdue requests (dead workers: _on_exit)."""
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
             for worker in self._workers:
-                if worker.process is not None and not worker.alive and not worker.fatal and not self._stopping:
-                    self._restart(worker)
+                if not worker.ready and worker.alive:
+                    worker.peak_rss = max(worker.peak_rss, resident_bytes(worker.process.pid, peak=True) or 0)
             for worker in self._workers:
                 for request in list(worker.running.values()):
                     if now > request.deadline:
@@ -567,8 +667,9 @@ class EngineClient:
 
     def _restart(self, worker: WorkerHandle) -> None:
         code = worker.process.exitcode
-        log.error("worker %d died (exit code %s); failing its %d requests and restarting it",
-                  worker.index, code, len(worker.running))
+        if worker.ready:
+            log.error("worker %d died (exit code %s); failing its %d requests and starting it again",
+                      worker.index, code, len(worker.running))
         for request in list(worker.running.values()):
             self._finish(request, error=WorkerRestartedError(
                 f"the model worker running this request stopped (exit code {code}) and is being restarted; "
@@ -588,6 +689,20 @@ class EngineClient:
         queue_time = (request.dispatched_at or now) - request.enqueued_at
         return Timings(queue=queue_time, prefill=data.get("prefill", 0.0), decode=data.get("decode", 0.0),
                        vq_decode=data.get("vq_decode", 0.0), total=now - request.enqueued_at)
+
+
+def loading_death(code: int | None, peak_rss: int) -> str:
+    """How a worker process that had not reported ready ended, in words."""
+    reached = f" (it had reached {gb(peak_rss)})" if peak_rss else ""
+    if code == -signal.SIGKILL:
+        return f"killed while loading (SIGKILL), most likely out of memory{reached}"
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name} while loading{reached}"
+    return f"ended with exit code {code} while loading{reached}"
 
 
 async def last_item(stream: AsyncIterator):

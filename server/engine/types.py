@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from server.engine.memory import DEFAULT_MEMORY_FRACTION
+
 
 def new_request_id(prefix: str = "req") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -201,10 +203,15 @@ class EngineConfig:
     devices: list[str] = dataclasses.field(default_factory=lambda: ["auto"])  # "cpu", "0", "1", ...; one worker each
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     max_queue: int = 64  # requests waiting in the API process before "overloaded"
-    max_batch_rows: int = 32  # rows (1 per understanding request, 2 per image) in one worker batch
-    max_cache_tokens: int = 65536  # KV-cache positions per worker, over all rows
+    # The KV cache takes memory_fraction of what a worker's device has free once the model is loaded
+    # (server/engine/memory.py); max_batch_rows and max_cache_tokens only bound it.
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION
+    max_batch_rows: int = 32  # rows (1 per understanding request, 2 per image) in one worker batch, at most
+    max_cache_tokens: int | None = None  # KV-cache positions per worker, over all rows, at most (None: no bound)
+    max_new_tokens_limit: int = 2048  # the longest answer a request may ask for; every cache row holds one
     max_running_requests: int = 0  # per worker; 0: as many as the rows allow (1 switches batching off)
     request_timeout: float = 600.0  # seconds, queue + run
+    restart_delay: float = 1.0  # seconds before a worker that died while loading is started again; doubles each time
     offline: bool = False  # never download
     threads: int | None = None  # CPU threads per worker (OMP_NUM_THREADS); None: all cores / workers
     cpu_engine: str = "eager"  # "openvino": decode steps on CPU through Paddle Inference + OpenVINO (float32)

@@ -32,6 +32,7 @@ import time
 import traceback
 from typing import Any
 
+from server.engine.memory import DEFAULT_MEMORY_FRACTION, CacheDoesNotFit, CachePlan
 from server.engine.prefill import PrefillProcessDied
 
 log = logging.getLogger("janus.worker")
@@ -42,8 +43,10 @@ class WorkerConfig:
     model_path: str
     device: str  # "cpu", "auto", or a GPU index
     dtype: str
-    max_batch_rows: int
-    max_cache_tokens: int
+    max_batch_rows: int  # upper bounds: the cache is sized from the memory free after loading (memory.py)
+    max_cache_tokens: int | None
+    max_new_tokens: int = 2048  # the longest answer a request may ask for: every cache row must hold one
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION
     max_running_requests: int = 0
     cpu_engine: str = "eager"
     cpu_vq: str = "auto"
@@ -100,9 +103,51 @@ def pick_device(requested: str) -> str:
     return f"gpu:{int(requested)}"
 
 
-def row_length(config: WorkerConfig, max_positions: int) -> int:
-    """Cache positions per row: the token budget shared out over the rows."""
-    return max(1, min(config.max_cache_tokens // config.max_batch_rows, max_positions))
+def plan_worker_cache(config: WorkerConfig, model, device: str) -> CachePlan:
+    """The KV cache for what `device` has free now (host RAM on CPU), within the configured bounds."""
+    from server.engine.memory import bytes_per_position, host_available_bytes, plan_cache, resident_bytes
+
+    if device == "cpu":
+        free, loaded = host_available_bytes(), resident_bytes() or 0
+    else:
+        free, loaded = gpu_memory(device)
+    lm = model.config.language
+    element_bytes = model.language_model.lm_head.weight.element_size()  # the cache takes the model's dtype
+    return plan_cache(
+        free_bytes=free, loaded_bytes=loaded, fraction=config.memory_fraction,
+        bytes_per_position=bytes_per_position(lm.num_hidden_layers, lm.num_key_value_heads, lm.head_dim, element_bytes),
+        max_new_tokens=config.max_new_tokens, max_context=lm.max_position_embeddings,
+        max_rows=config.max_batch_rows, max_positions=config.max_cache_tokens)
+
+
+def gpu_memory(device: str) -> tuple[int, int]:
+    """(bytes free on the GPU, bytes this process's tensors hold there). Free is what CUDA reports
+    (cudaMemGetInfo: other processes' use counted) plus what Paddle's allocator holds unused; where
+    the CUDA runtime library cannot be found, the card's total less what Paddle holds."""
+    import paddle
+
+    index = int(device.split(":")[1])
+    allocated = int(paddle.device.cuda.memory_allocated(index))
+    reserved = int(paddle.device.cuda.memory_reserved(index))
+    free = cuda_free_bytes(index)
+    if free is None:
+        return int(paddle.device.cuda.get_device_properties(index).total_memory) - reserved, allocated
+    return free + reserved - allocated, allocated
+
+
+def cuda_free_bytes(index: int) -> int | None:
+    """cudaMemGetInfo's free bytes on GPU `index`, through the CUDA runtime Paddle has loaded."""
+    import ctypes
+
+    for name in ("libcudart.so", "libcudart.so.12", "libcudart.so.11.0"):
+        try:
+            cudart = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        if cudart.cudaSetDevice(index) == 0 and cudart.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0:
+            return int(free.value)
+    return None
 
 
 class Outbox:
@@ -143,7 +188,6 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
 
         device = pick_device(config.device)
         model = load_worker_model(config, device)
-        row_len = row_length(config, model.config.language.max_position_embeddings)
         forward_hidden = None
         if device == "cpu" and config.cpu_engine == "openvino":
             from model.cpu_engine import CpuDecodeEngine
@@ -152,21 +196,27 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         # The prefill thread writes its rows of the cache through numpy views (llama.numpy_attention);
         # the OpenVINO engine takes one caller.
         prefill_thread = forward_hidden is None and numpy_attention(model.language_model.lm_head.weight)
-        prefiller = None
-        if prefill_thread and prefill_in_process(config, model):
-            from server.engine.prefill import PrefillProcess, SharedBuffers
-
-            buffers = SharedBuffers()
-            batch = DecodeBatch(model, slots=config.max_batch_rows, max_len=row_len, allocate=buffers.allocate)
-            prefiller = PrefillProcess(config, buffers, slots=config.max_batch_rows, row_length=row_len)
-        else:
-            batch = DecodeBatch(model, slots=config.max_batch_rows, max_len=row_len, forward_hidden=forward_hidden)
+        prefill_process = prefill_thread and prefill_in_process(config, model)
         from model.cpu_engine import CpuVQDecoder
 
-        vision = None if prefiller is not None else image_encoder(model, device, config)  # else the child encodes
+        vision = None if prefill_process else image_encoder(model, device, config)  # else the child encodes
         vq_decoder = make_cpu_program("VQ decoder", device, config.cpu_vq,
                                       lambda: CpuVQDecoder(model, single_thread_copy=True))
         palette = preview_palette(model, vq_decoder)
+        # Everything but the cache is in memory now: what is left decides its size.
+        plan = plan_worker_cache(config, model, device)
+        prefiller = None
+        if prefill_process:
+            from server.engine.prefill import PrefillProcess, SharedBuffers
+
+            buffers = SharedBuffers()
+            batch = DecodeBatch(model, slots=plan.rows, max_len=plan.row_length, allocate=buffers.allocate)
+            prefiller = PrefillProcess(config, buffers, slots=plan.rows, row_length=plan.row_length)
+        else:
+            batch = DecodeBatch(model, slots=plan.rows, max_len=plan.row_length, forward_hidden=forward_hidden)
+    except CacheDoesNotFit as error:
+        outbox.put(("fatal", str(error)))
+        return
     except Exception as error:  # noqa: BLE001 - the parent reports it and stops retrying
         outbox.put(("fatal", f"{type(error).__name__}: {error}"))
         return
@@ -175,7 +225,8 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
     if prefiller is not None:
         programs += [f"{name} (prefill process)" for name in prefiller.programs]
     prefill = "process" if prefiller is not None else "thread" if prefill_thread else "inline"
-    outbox.put(("ready", {"device": device, "row_length": row_len, "rows": config.max_batch_rows,
+    outbox.put(("ready", {"device": device, "row_length": plan.row_length, "rows": plan.rows, "cache": plan.info(),
+                          "cache_summary": plan.describe(),
                           "pid": os.getpid(), "programs": programs, "prefill": prefill}))
     try:
         # One Paddle thread for the steps of a model too small to split (while the VQ thread, not the
