@@ -295,7 +295,7 @@ class EngineClient:
     @property
     def caches(self) -> list[dict[str, Any]]:
         """The KV cache of each worker that has one, as it sized it."""
-        return [{"worker": w.index, "device": w.device, **w.cache} for w in self._workers if w.cache]
+        return [{"worker": w.index, **w.cache} for w in self._workers if w.cache]
 
     def stats(self) -> EngineStats:
         now = time.monotonic()
@@ -579,7 +579,7 @@ class EngineClient:
             worker.loading_deaths, worker.loading_problem = 0, None
             worker.rows = info["rows"]
             worker.row_length = info["row_length"]
-            worker.cache = dict(info.get("cache", {}))
+            worker.cache = {**info.get("cache", {}), "device": info["device"]}
             worker.programs = list(info.get("programs", []))
             worker.prefill = info.get("prefill", "inline")
             log.info("worker %d ready on %s (OpenVINO: %s; understanding prefills: %s); %s", worker.index,

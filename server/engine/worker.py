@@ -32,7 +32,7 @@ import time
 import traceback
 from typing import Any
 
-from server.engine.memory import DEFAULT_MEMORY_FRACTION, CacheDoesNotFit, CachePlan
+from server.engine.memory import DEFAULT_MEMORY_FRACTION, CacheDoesNotFit, CachePlan, gb
 from server.engine.prefill import PrefillProcessDied
 
 log = logging.getLogger("janus.worker")
@@ -103,14 +103,20 @@ def pick_device(requested: str) -> str:
     return f"gpu:{int(requested)}"
 
 
-def plan_worker_cache(config: WorkerConfig, model, device: str) -> CachePlan:
-    """The KV cache for what `device` has free now (host RAM on CPU), within the configured bounds."""
-    from server.engine.memory import bytes_per_position, host_available_bytes, plan_cache, resident_bytes
+def device_memory(device: str) -> tuple[int, int]:
+    """(bytes free on `device` now, bytes this worker holds there): host RAM and this process's resident
+    memory on CPU."""
+    from server.engine.memory import host_available_bytes, resident_bytes
 
     if device == "cpu":
-        free, loaded = host_available_bytes(), resident_bytes() or 0
-    else:
-        free, loaded = gpu_memory(device)
+        return host_available_bytes(), resident_bytes() or 0
+    return gpu_memory(device)
+
+
+def plan_worker_cache(config: WorkerConfig, model, free: int, loaded: int) -> CachePlan:
+    """The KV cache for `free` bytes of the device (the worker holding `loaded`), within the configured bounds."""
+    from server.engine.memory import bytes_per_position, plan_cache
+
     lm = model.config.language
     element_bytes = model.language_model.lm_head.weight.element_size()  # the cache takes the model's dtype
     return plan_cache(
@@ -188,6 +194,7 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
 
         device = pick_device(config.device)
         model = load_worker_model(config, device)
+        weights_bytes = device_memory(device)[1]
         forward_hidden = None
         if device == "cpu" and config.cpu_engine == "openvino":
             from model.cpu_engine import CpuDecodeEngine
@@ -204,7 +211,7 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
                                       lambda: CpuVQDecoder(model, single_thread_copy=True))
         palette = preview_palette(model, vq_decoder)
         # Everything but the cache is in memory now: what is left decides its size.
-        plan = plan_worker_cache(config, model, device)
+        plan = plan_worker_cache(config, model, *device_memory(device))
         prefiller = None
         if prefill_process:
             from server.engine.prefill import PrefillProcess, SharedBuffers
@@ -225,8 +232,8 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
     if prefiller is not None:
         programs += [f"{name} (prefill process)" for name in prefiller.programs]
     prefill = "process" if prefiller is not None else "thread" if prefill_thread else "inline"
-    outbox.put(("ready", {"device": device, "row_length": plan.row_length, "rows": plan.rows, "cache": plan.info(),
-                          "cache_summary": plan.describe(),
+    outbox.put(("ready", {"device": device, "row_length": plan.row_length, "rows": plan.rows, "cache": {**plan.info(), "weights_bytes": weights_bytes},
+                          "cache_summary": f"{plan.describe()} (the weights alone {gb(weights_bytes)})",
                           "pid": os.getpid(), "programs": programs, "prefill": prefill}))
     try:
         # One Paddle thread for the steps of a model too small to split (while the VQ thread, not the
