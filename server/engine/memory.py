@@ -83,7 +83,7 @@ def plan_cache(*, free_bytes: int, loaded_bytes: int, fraction: float, bytes_per
     `max_context`). As many rows of that length as fit, up to `max_rows`; then the rows are made as long as
     the budget allows (up to `max_context`), which gives longer prompts room. `max_positions` bounds
     rows x length."""
-    budget = int(free_bytes * fraction) // bytes_per_position
+    budget = int(max(0, free_bytes) * fraction) // bytes_per_position
     if max_positions:
         budget = min(budget, max_positions)
     shortest = min(round_up(ONE_IMAGE_PROMPT + max_new_tokens, BLOCK), max_context)
