@@ -163,6 +163,7 @@ async def run_level(target, kind: str, concurrency: int, requests: int) -> dict:
 async def start_engine(args, no_batching: bool) -> EngineClient:
     config = EngineConfig(model=args.model, home=args.home, devices=args.devices.split(","),
                           max_batch_rows=args.max_batch_rows, max_cache_tokens=args.max_cache_tokens,
+                          max_new_tokens_limit=args.max_new_tokens,  # rows as short as the load allows
                           max_queue=10_000, max_running_requests=1 if no_batching else 0,
                           cpu_engine=args.cpu_engine, cpu_vq=args.cpu_vq,
                           cpu_vision=args.cpu_vision, cpu_prefill=args.cpu_prefill, threads=args.threads)
@@ -197,7 +198,8 @@ async def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--images", type=int, default=1, help="images per generate request")
     parser.add_argument("--max-batch-rows", type=int, default=32)
-    parser.add_argument("--max-cache-tokens", type=int, default=32 * 1024)
+    parser.add_argument("--max-cache-tokens", type=int, default=32 * 1024, help="at most; the cache is sized from "
+                        "free memory, its rows as long as an image and a question plus --max-new-tokens")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: all cores)")
     parser.add_argument("--cpu-engine", default="eager", choices=["eager", "openvino"], help="CPU decode path")
     parser.add_argument("--cpu-vq", default="auto", choices=["auto", "eager", "openvino"], help="CPU VQ decoder")
