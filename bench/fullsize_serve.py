@@ -177,8 +177,8 @@ def picture_png() -> bytes:
     return buffer.getvalue()
 
 
-def understand(client, tokens: int) -> dict:
-    body = {"image": base64.b64encode(picture_png()).decode(), "question": "Describe this picture.",
+def understand(client, tokens: int, question: str = "Describe this picture.") -> dict:
+    body = {"image": base64.b64encode(picture_png()).decode(), "question": question,
             "max_new_tokens": tokens, "stream": True}
     started = time.perf_counter()
     first, usage = None, None
@@ -198,6 +198,26 @@ def understand(client, tokens: int) -> dict:
     return {"first_token_s": first, "ms_per_token": per_token, "tokens": made, "total_s": total}
 
 
+def understand_together(url: str, tokens: int, concurrency: int) -> dict:
+    """`concurrency` understanding requests at once (each its own question): tokens/s over all of them."""
+    import concurrent.futures
+
+    import httpx
+
+    def one(i):
+        with httpx.Client(base_url=url, timeout=3600) as client:
+            return understand(client, tokens, question=f"Describe picture {i}.")
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(concurrency)))
+    wall = time.perf_counter() - started
+    made = sum(r["tokens"] for r in results)
+    return {"concurrency": concurrency, "tokens": made, "wall_s": wall, "tokens_per_s": made / wall,
+            "first_token_s_median": sorted(r["first_token_s"] for r in results)[concurrency // 2],
+            "ms_per_token_median": sorted(r["ms_per_token"] for r in results)[concurrency // 2]}
+
+
 def generate(client) -> dict:
     started = time.perf_counter()
     response = client.post("/generate", json={"prompt": "a lighthouse on a cliff at dusk", "n": 1, "seed": 7})
@@ -212,6 +232,11 @@ def main() -> None:
     parser.add_argument("--ready-timeout", type=float, default=300)
     parser.add_argument("--write-only", action="store_true")
     parser.add_argument("--no-image", action="store_true", help="skip the image request (about 5 min on 2 cores)")
+    parser.add_argument("--no-understand", action="store_true", help="skip the understanding requests")
+    parser.add_argument("--understand-concurrency", default="", help="also these numbers of understanding requests "
+                        "at once, e.g. 1,8: tokens/s over all of them")
+    parser.add_argument("--repo", type=Path, default=REPO, help="serve this checkout's code (to compare two versions "
+                        "in one run; the same interpreter)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("serve_args", nargs="*", help="after --: more flags for janus-server serve")
     args = parser.parse_args()
@@ -227,17 +252,20 @@ def main() -> None:
     import httpx
 
     port = free_port()
-    command = [str(REPO / ".venv" / "bin" / "janus-server"), "serve", "--model", str(folder), "--port", str(port),
+    command = [sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--port", str(port),
                "--home", str(args.cache), "--offline", "--no-log-json", *args.serve_args]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("JANUS_")}
+    environment["PYTHONPATH"] = str(args.repo.resolve())
     started = time.perf_counter()
-    server = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(command, env=environment, cwd=args.repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log_lines: list[str] = []
     threading.Thread(target=lambda: log_lines.extend(server.stderr), daemon=True).start()
     sampler = MemorySampler(server.pid)
     sampler.start()
+    commit = subprocess.run(["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     result: dict = {"model": MODEL, "checkpoint": str(folder), "available_before_bytes": available,
-                    "serve_args": args.serve_args}
+                    "serve_args": args.serve_args, "repo": str(args.repo), "commit": commit}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=3600) as client:
             while True:
@@ -257,7 +285,11 @@ def main() -> None:
             result["ready_s"] = time.perf_counter() - started
             result["kv_cache"] = ready.json()["kv_cache"]
             result["rss_at_ready_bytes"] = sampler.peak_sum
-            result["understand"] = understand(client, args.tokens)
+            if not args.no_understand:
+                result["understand"] = understand(client, args.tokens)
+            levels = [int(c) for c in args.understand_concurrency.split(",") if c]
+            result["understand_together"] = [understand_together(f"http://127.0.0.1:{port}", args.tokens, c)
+                                             for c in levels]
             if not args.no_image:
                 result.update(generate(client))
     except Exception as error:  # noqa: BLE001 - reported with what was measured so far
@@ -283,7 +315,8 @@ def main() -> None:
 
 
 def report(r: dict) -> None:
-    print(f"{r['model']} (random weights, BF16 safetensors) served with flags: {' '.join(r['serve_args']) or 'none'}")
+    print(f"{r['model']} (random weights, BF16 safetensors) served by {r['repo']} at {r['commit']}, flags: "
+          f"{' '.join(r['serve_args']) or 'none'}")
     print(f"memory available before start: {r['available_before_bytes'] / 1e9:.1f} GB")
     if "ready_s" in r:
         print(f"/ready after {r['ready_s']:.1f} s, {r['rss_at_ready_bytes'] / 1e9:.1f} GB resident (process tree)")
@@ -297,8 +330,12 @@ def report(r: dict) -> None:
         u = r["understand"]
         print(f"understanding (1 image, {u['tokens']} tokens): first token {u['first_token_s']:.1f} s, "
               f"then {u['ms_per_token']:.0f} ms per token; {u['total_s']:.1f} s in all")
+    for level in r.get("understand_together", []):
+        print(f"understanding, {level['concurrency']} at once ({level['tokens']} tokens): {level['tokens_per_s']:.2f} "
+              f"tokens/s; median first token {level['first_token_s_median']:.1f} s, then "
+              f"{level['ms_per_token_median']:.0f} ms per token")
     if "image_s" in r:
-        print(f"one image: {r['image_s']:.1f} s")
+        print(f"one image: {r['image_s']:.1f} s ({r['image_s'] / 576 * 1e3:.0f} ms per image token, VQ decode included)")
     print(f"peak resident memory: {r['peak_rss_tree_bytes'] / 1e9:.1f} GB for the process tree; each process "
           f"{', '.join(f'{b / 1e9:.2f}' for b in r['peak_rss_each_bytes'])} GB")
     if "error" in r:

@@ -3,12 +3,12 @@
     .venv/bin/python bench/prefill_overlap_bench.py                 # full-size Janus-1.3B LM, random weights
     .venv/bin/python bench/prefill_overlap_bench.py --layers 4      # a quick look
 
-The worker (server/engine/worker.py) prefills understanding prompts in a thread on CPU
-while its loop keeps stepping the running rows. This times, in one run and on the same
+The CPU runtime (model/runtime/cpu.py) prefills understanding prompts in a thread
+while the worker's loop keeps stepping the running rows. This times, in one run and on the same
 cache: a prompt's prefill alone; decode steps of the running rows alone; and both at once,
 steps on the loop's thread and the prefill in another, with Paddle's threads and the large
 numpy products' threads (each one setting for the process) at half the cores, as the
-worker sets them. Without the thread, every running row would wait for the
+runtime sets them. Without the thread, every running row would wait for the
 whole prefill. Prints medians.
 """
 from __future__ import annotations

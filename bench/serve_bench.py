@@ -166,7 +166,7 @@ async def start_engine(args, no_batching: bool) -> EngineClient:
                           max_new_tokens_limit=args.max_new_tokens,  # rows as short as the load allows
                           max_queue=10_000, max_running_requests=1 if no_batching else 0,
                           cpu_engine=args.cpu_engine, cpu_vq=args.cpu_vq,
-                          cpu_vision=args.cpu_vision, cpu_prefill=args.cpu_prefill, threads=args.threads)
+                          cpu_vision=args.cpu_vision, threads=args.threads)
     engine = EngineClient(config)
     await engine.start()
     await engine.wait_ready(timeout=1800)
@@ -203,8 +203,6 @@ async def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: all cores)")
     parser.add_argument("--cpu-engine", default="eager", choices=["eager", "openvino"], help="CPU decode path")
     parser.add_argument("--cpu-vq", default="auto", choices=["auto", "eager", "openvino"], help="CPU VQ decoder")
-    parser.add_argument("--cpu-prefill", default="auto", choices=["auto", "process", "thread"],
-                        help="CPU understanding prefills")
     parser.add_argument("--cpu-vision", default="auto", choices=["auto", "eager", "openvino"],
                         help="CPU image encoder")
     parser.add_argument("--no-baseline", action="store_true", help="skip the one-request-at-a-time run")
@@ -260,7 +258,7 @@ def generation_cost(model_path: str, concurrencies: list[int], rounds: int = 3) 
     vq: the one-thread OpenVINO VQ decode of one image, as the worker's VQ thread runs it
     while rows are stepping. lm[c]: c image requests prefilled and stepped to their last
     code together in one DecodeBatch on one Paddle thread (as the worker steps janus-tiny),
-    divided by c. Left out: the API process's and the prefill process's work, so the bound
+    divided by c. Left out: the API process's work, so the bound
     cores / (vq + lm[c]) is one the server cannot reach, only approach.
     """
     import paddle
@@ -269,7 +267,7 @@ def generation_cost(model_path: str, concurrencies: list[int], rounds: int = 3) 
     from model.generation import IMAGE_TOKENS, DecodeBatch, image_rngs
     from model.loader import load_model
     from model.processor import JanusProcessor
-    from server.engine.worker import limit_blas_threads, use_cpu_threads
+    from model.runtime.cpu import limit_blas_threads, use_cpu_threads
     from timing import median_seconds  # bench/timing.py
 
     paddle.set_device("cpu")

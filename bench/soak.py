@@ -3,7 +3,7 @@
 Starts the server (janus-tiny on CPU by default), then keeps `--concurrency` understanding requests
 (with an image) and as many image requests running for `--minutes`, and every `--every` seconds
 prints the resident memory of the API process and of each of its child processes (the model
-worker, the prefill process). At the end it prints each process's growth over the second half of
+worker). At the end it prints each process's growth over the second half of
 the run, in MiB per minute: a leak keeps growing there, a warm-up levels off.
 
     python bench/soak.py --minutes 20

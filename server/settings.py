@@ -36,10 +36,6 @@ class Settings(BaseSettings):
     cpu_vision: Literal["auto", "eager", "openvino"] = Field(
         "auto", description="CPU image encoder for understanding (SigLIP + aligner): OpenVINO (one call that "
         "releases the GIL, so it overlaps the decode loop), eager Paddle, or auto (OpenVINO when installed).")
-    cpu_prefill: Literal["auto", "process", "thread"] = Field(
-        "auto", description="Where CPU understanding prompts are prefilled beside the decode loop: a child process "
-        "writing into the shared KV cache (a second copy of the model; shares no GIL with the loop), a thread of "
-        "the worker, or auto (the process for models of up to 1 GiB of parameters).")
     api_key: SecretStr | None = Field(
         None, description="If set, requests need 'Authorization: Bearer <key>' (not /health, /ready, /metrics)."
     )
@@ -105,5 +101,4 @@ class Settings(BaseSettings):
             cpu_engine=self.cpu_engine,
             cpu_vq=self.cpu_vq,
             cpu_vision=self.cpu_vision,
-            cpu_prefill=self.cpu_prefill,
         )

@@ -110,9 +110,7 @@ def engine(loop, tmp_path_factory):
                           max_new_tokens_limit=384)
     yield engine
     pids = engine_pids(engine)
-    assert len(pids) == 2  # janus-tiny prefills in a process of its own
-    child = Path(f"/proc/{pids[1]}/environ").read_bytes().split(b"\0")
-    assert b"KMP_BLOCKTIME=1" in child  # its OpenMP pool does not spin between prefills
+    assert len(pids) == 1  # the worker, and no process of its own
     loop.run(engine.stop())
     wait_gone(pids, "engine shutdown", seconds=1)
 
@@ -291,15 +289,12 @@ def test_killed_worker_fails_running_requests_and_serves_waiting_ones(loop, tmp_
                 assert time.monotonic() < deadline, engine.stats()
                 await asyncio.sleep(0.01)
             old = worker_pids(engine)[0]
-            old_children = children(old)
             os.kill(old, signal.SIGKILL)
             failed = await asyncio.gather(*running, return_exceptions=True)
             served = await asyncio.gather(*waiting)
-            return old, old_children, failed, served
+            return old, failed, served
 
-        old, old_children, failed, served = loop.run(scenario())
-        assert len(old_children) == 1
-        wait_gone(old_children, "a killed worker")  # its prefill process reads EOF and exits
+        old, failed, served = loop.run(scenario())
         assert all(isinstance(f, WorkerRestartedError) for f in failed)
         assert all(r.finish_reason in ("stop", "length") for r in served)
         assert worker_pids(engine)[0] != old and engine.stats().worker_restarts_total == 1
@@ -340,11 +335,9 @@ def test_worker_exits_when_the_api_process_is_killed(tmp_path):
     try:
         worker = int(api.stdout.readline())
         assert pid_alive(worker)
-        prefill = children(worker)
-        assert len(prefill) == 1
         api.kill()
         api.wait(timeout=10)
-        wait_gone([worker, *prefill], "a killed API process")
+        wait_gone([worker], "a killed API process")
     finally:
         api.kill()
         api.wait(timeout=10)
@@ -361,86 +354,6 @@ def test_worker_ignores_ctrl_c_and_sigterm(loop, engine):
     result = loop.run(engine.understand(understand_request(3, max_new_tokens=4)))
     assert result.finish_reason in ("stop", "length")
     assert worker_pids(engine) == [pid] and engine.stats().worker_restarts_total == 0
-
-
-def test_prefill_process_serves_what_the_prefill_thread_serves(loop, engine, tmp_path):
-    """janus-tiny prefills understanding prompts in a child process writing the shared KV cache ("auto");
-    the worker's own prefill thread gives the same tokens, greedy and sampled, with and without an image."""
-    requests = [understand_request(i, max_new_tokens=16, temperature=0.9, seed=i) for i in range(3)]
-    requests.append(understand_request(7, max_new_tokens=16))
-    requests.append(UnderstandRequest(messages=[{"role": "user", "content": "Say something."}], max_new_tokens=16))
-
-    async def run_all(client):
-        return await asyncio.gather(*(client.understand(r) for r in requests))
-
-    fast = loop.run(run_all(engine))
-    assert engine._workers[0].prefill == "process"
-    threaded = start_engine(loop, tmp_path, cpu_prefill="thread")
-    try:
-        assert threaded._workers[0].prefill == "thread"
-        assert children(worker_pids(threaded)[0]) == []
-        slow = loop.run(run_all(threaded))
-    finally:
-        loop.run(threaded.stop())
-    assert [outcome(r) for r in fast] == [outcome(r) for r in slow]
-
-
-def test_killed_prefill_process_restarts_its_worker(loop, tmp_path):
-    """A prefill process that dies takes its worker down with it; the client starts both again."""
-    engine = start_engine(loop, tmp_path)
-    try:
-        worker = worker_pids(engine)[0]
-        (prefill,) = children(worker)
-        os.kill(prefill, signal.SIGKILL)
-        deadline = time.monotonic() + 30  # noticed within a second, with no request needed to find out
-        while engine.stats().worker_restarts_total == 0:
-            assert time.monotonic() < deadline, "the worker did not notice its prefill process died"
-            time.sleep(0.05)
-        wait_gone([worker], "a dead prefill process")
-        loop.run(engine.wait_ready(timeout=120))
-        result = loop.run(engine.understand(understand_request(4, max_new_tokens=4)))
-        assert result.finish_reason in ("stop", "length")
-        assert engine.stats().worker_restarts_total == 1 and len(children(worker_pids(engine)[0])) == 1
-    finally:
-        pids = engine_pids(engine)
-        loop.run(engine.stop())
-        wait_gone(pids, "engine shutdown", seconds=1)
-
-
-def test_prefill_process_only_for_small_cpu_models():
-    from types import SimpleNamespace
-
-    from server.engine.worker import PREFILL_PROCESS_MAX_BYTES, WorkerConfig, prefill_in_process
-
-    def model(nbytes):
-        return SimpleNamespace(parameters=lambda: [SimpleNamespace(numel=lambda: nbytes // 4, element_size=lambda: 4)])
-
-    def config(choice):
-        return WorkerConfig(model_path="", device="cpu", dtype="float32", max_batch_rows=4, max_cache_tokens=64,
-                            cpu_prefill=choice)
-
-    assert prefill_in_process(config("auto"), model(PREFILL_PROCESS_MAX_BYTES))
-    assert not prefill_in_process(config("auto"), model(2 * PREFILL_PROCESS_MAX_BYTES))
-    assert prefill_in_process(config("process"), model(2 * PREFILL_PROCESS_MAX_BYTES))
-    assert not prefill_in_process(config("thread"), model(1))
-
-
-def test_small_models_step_on_one_paddle_thread():
-    from types import SimpleNamespace
-
-    import paddle.nn as nn
-
-    from model.loader import load_model
-
-    from server.engine.worker import SMALL_STEP_MAX_WEIGHTS, small_steps
-
-    def model(out_features):
-        return SimpleNamespace(language_model=nn.Sequential(nn.Linear(64, 64), nn.Linear(64, out_features)),
-                               gen_head=nn.Sequential(nn.Linear(64, 8)), gen_aligner=nn.Sequential())
-
-    assert small_steps(model(SMALL_STEP_MAX_WEIGHTS // 64 - 1))
-    assert not small_steps(model(SMALL_STEP_MAX_WEIGHTS // 64))
-    assert small_steps(load_model(Path(__file__).parent / "golden" / "janus-tiny"))
 
 
 def test_request_timeout(loop, tmp_path):
@@ -495,7 +408,7 @@ def test_openvino_image_encoder_gives_eager_understanding(loop, engine, tmp_path
         return await asyncio.gather(*(client.understand(r) for r in requests))
 
     fast = loop.run(run_all(engine))
-    assert "image encoder (prefill process)" in engine._workers[0].programs
+    assert "image encoder" in engine._workers[0].programs
     eager = start_engine(loop, tmp_path, cpu_vision="eager")
     try:
         assert not [p for p in eager._workers[0].programs if p.startswith("image encoder")]
@@ -506,10 +419,10 @@ def test_openvino_image_encoder_gives_eager_understanding(loop, engine, tmp_path
 
 
 def test_cpu_programs_are_built_only_where_asked_and_auto_falls_back(monkeypatch, caplog):
-    """make_cpu_program: none on GPU or with "eager"; "auto" skips a missing openvino package and falls back
+    """make_cpu_program: none with "eager"; "auto" skips a missing openvino package and falls back
     to eager (with a warning) when the build fails; "openvino" raises instead."""
     import model.cpu_engine as cpu_engine
-    from server.engine.worker import make_cpu_program
+    from model.runtime.cpu import make_cpu_program
 
     def broken():
         raise RuntimeError("no such device")
@@ -520,135 +433,17 @@ def test_cpu_programs_are_built_only_where_asked_and_auto_falls_back(monkeypatch
         built.append(1)
         return "program"
 
-    assert make_cpu_program("VQ decoder", "gpu:0", "openvino", build) is None
-    assert make_cpu_program("VQ decoder", "cpu", "eager", build) is None
+    assert make_cpu_program("VQ decoder", "eager", build) is None
     assert built == []
-    assert make_cpu_program("VQ decoder", "cpu", "auto", build) == "program"
-    assert make_cpu_program("VQ decoder", "cpu", "openvino", build) == "program"
+    assert make_cpu_program("VQ decoder", "auto", build) == "program"
+    assert make_cpu_program("VQ decoder", "openvino", build) == "program"
     with caplog.at_level("WARNING", logger="janus.worker"):
-        assert make_cpu_program("image encoder", "cpu", "auto", broken) is None
+        assert make_cpu_program("image encoder", "auto", broken) is None
     assert "OpenVINO image encoder unavailable" in caplog.text
     with pytest.raises(RuntimeError, match="no such device"):
-        make_cpu_program("image encoder", "cpu", "openvino", broken)
+        make_cpu_program("image encoder", "openvino", broken)
     monkeypatch.setattr(cpu_engine, "openvino_runtime_available", lambda: False)
-    assert make_cpu_program("VQ decoder", "cpu", "auto", build) is None and built == [1, 1]
-
-
-def test_vq_thread_fails_one_request_alone_and_skips_cancelled_ones():
-    """Scheduler's VQ thread: a decode error fails its request only; a cancelled request gets no decode;
-    while it decodes, the loop's Paddle ops keep off its cores."""
-    import queue as queue_module
-    import threading
-
-    from server.engine.worker import RunningRequest, Scheduler, WorkerConfig
-
-    class Decoder:
-        threads = 2
-
-        def __init__(self):
-            self.seen = []
-            self.gate = threading.Event()
-
-        def decode(self, codes, *, single_thread=False):
-            self.gate.wait(10)
-            self.seen.append(int(codes[0, 0]))
-            if codes[0, 0] == 1:
-                raise ValueError("bad codes")
-            return np.zeros((len(codes), 3, 4, 4), np.float32)
-
-    class Batch:  # the scheduler only reads the row count here
-        rows = 0
-
-    decoder = Decoder()
-    outbox = queue_module.Queue()
-    config = WorkerConfig(model_path="", device="cpu", dtype="float32", max_batch_rows=4, max_cache_tokens=64)
-    scheduler = Scheduler(None, Batch(), config, queue_module.Queue(), outbox, vq_decoder=decoder)
-    for rid, first in (("good", 0), ("bad", 1), ("gone", 2)):
-        scheduler.running[rid] = RunningRequest(rid, "generate", 2, time.perf_counter())
-        scheduler.finish_images(rid, np.full((1, 576), first, np.int64))
-    scheduler.flush()
-    scheduler.cancel("gone")
-    deadline = time.monotonic() + 10
-    while not scheduler.vq_cores and time.monotonic() < deadline:  # the thread is inside decode(), at the gate
-        time.sleep(0.01)
-    assert scheduler.vq_cores == decoder.threads  # no rows running: all its threads
-    scheduler.share_cores()
-    assert scheduler.step_threads == max(1, scheduler.cores - decoder.threads)
-    decoder.gate.set()
-    events = {}
-    while len(events) < 2:
-        kind, batch_events, _ = outbox.get(timeout=10)
-        events.update({rid: (event, data) for rid, event, data in batch_events})
-    assert events["good"][0] == "images_done" and events["good"][1]["images"][0].shape == (4, 4, 3)
-    assert events["bad"][0] == "error" and "bad codes" in events["bad"][1]
-    time.sleep(0.2)
-    assert outbox.empty() and decoder.seen == [0, 1]
-    assert not scheduler.decoding
-    assert scheduler.vq_cores == 0
-    scheduler.share_cores()
-    assert scheduler.step_threads == scheduler.cores
-    capped = Scheduler(None, Batch(), config, queue_module.Queue(), outbox, max_step_threads=1)
-    capped.share_cores()
-    assert capped.step_threads == 1  # a model too small to split steps on one thread, cores free or not
-
-
-def test_prefill_thread_joins_rows_and_fails_or_drops_them_alone():
-    """Scheduler's prefill thread (CPU): prompts run into reserved rows and join at the next step; a prefill
-    error fails its request only; a request cancelled mid-prefill never joins and its row comes back."""
-    import queue as queue_module
-    import threading
-
-    from model.generation import SlotPool, StepEvent
-    from server.engine.worker import Scheduler, WorkerConfig
-
-    class Batch:
-        def __init__(self):
-            self.pool = SlotPool(4)
-            self.gate = threading.Event()
-            self.started: dict[str, tuple] = {}
-
-        rows = 0
-
-        def reserve_text(self, length, max_new_tokens):
-            return self.pool.take(1)[0]
-
-        def prefill_text(self, slot, input_ids, *, image_mask, pixel_values):
-            self.gate.wait(10)
-            if input_ids[0] < 0:
-                raise ValueError("bad prompt")
-            return np.full(5, float(slot))
-
-        def start_text(self, key, slot, length, logits, **_):
-            self.started[key] = (slot, length, logits[0])
-            return [StepEvent(key, "token", token=slot)]
-
-    def payload(first):
-        return {"input_ids": np.array([first, 1, 2]), "image_mask": None, "pixel_values": None, "temperature": 0.0,
-                "top_k": 0, "top_p": 1.0, "seed": 1, "max_new_tokens": 4}
-
-    batch = Batch()
-    config = WorkerConfig(model_path="", device="cpu", dtype="float32", max_batch_rows=4, max_cache_tokens=64)
-    scheduler = Scheduler(None, batch, config, queue_module.Queue(), queue_module.Queue(), prefill_thread=True)
-    scheduler.pending.extend([("understand", "good", payload(0)), ("understand", "bad", payload(-1)),
-                              ("understand", "gone", payload(0))])
-    scheduler.admit()
-    assert set(scheduler.prefilling) == {"good", "bad", "gone"} and batch.pool.free == 1 and not scheduler.running
-    scheduler.share_cores()  # the loop and the thread share the cores
-    assert scheduler.step_threads == max(1, scheduler.cores // 2)
-    scheduler.cancel("gone")
-    batch.gate.set()
-    deadline = time.monotonic() + 10
-    while scheduler.prefilling and time.monotonic() < deadline:
-        scheduler.join_prefilled(wait=True)
-    assert set(scheduler.running) == {"good"} and batch.started == {"good": (0, 3, 0.0)}
-    assert scheduler.running["good"].prefill > 0
-    assert ("good", "token", 0) in scheduler.events
-    assert [e for e in scheduler.events if e[0] == "bad"][0][1] == "error"
-    assert "bad prompt" in [e for e in scheduler.events if e[0] == "bad"][0][2]
-    assert not [e for e in scheduler.events if e[0] == "gone"]
-    assert batch.pool.free == 3  # the failed and the cancelled rows are back; "good" holds slot 0
-    scheduler.share_cores()
-    assert scheduler.step_threads == scheduler.cores
+    assert make_cpu_program("VQ decoder", "auto", build) is None and built == [1, 1]
 
 
 def test_outbox_sends_in_order_and_drops_messages_once_nobody_reads():

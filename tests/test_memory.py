@@ -121,17 +121,18 @@ def test_a_cgroup_v1_limit_bounds_host_memory(tmp_path):
 def test_gpu_memory_counts_what_paddle_holds_unused(monkeypatch):
     import paddle
 
-    from server.engine import worker
+    from model.runtime import device
 
     cuda = paddle.device.cuda
     monkeypatch.setattr(cuda, "memory_allocated", lambda index: 5 * GB)
     monkeypatch.setattr(cuda, "memory_reserved", lambda index: 6 * GB)
-    monkeypatch.setattr(worker, "cuda_free_bytes", lambda index: 10 * GB)
-    assert worker.gpu_memory("gpu:1") == (11 * GB, 5 * GB)
+    monkeypatch.setattr(device, "cuda_free_bytes", lambda index: 10 * GB)
+    assert device.gpu_memory("gpu:1") == (11 * GB, 5 * GB)
     # Without the CUDA runtime library: the card's total less what Paddle holds.
-    monkeypatch.setattr(worker, "cuda_free_bytes", lambda index: None)
+    monkeypatch.setattr(device, "cuda_free_bytes", lambda index: None)
     monkeypatch.setattr(cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 24 * GB}))
-    assert worker.gpu_memory("gpu:0") == (18 * GB, 5 * GB)
+    assert device.gpu_memory("gpu:0") == (18 * GB, 5 * GB)
+    assert device.cuda_free_bytes(0) is None  # no CUDA runtime library on this machine
 
 
 def test_one_row_serves_understanding_alone():

@@ -1,6 +1,7 @@
 """The runtimes (model/runtime/) under the scheduler, against the official implementation's outputs."""
 import json
 import queue
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +67,10 @@ def generate_message(arrays, rid, seeds, **sampling):
 
 def eager(model, cases, slots=8, previews=False):
     ids = cases["special_token_ids"]
-    return EagerRuntime(model, slots=slots, row_length=1400, eos_id=ids["eos_token_id"],
-                        pad_id=ids["pad_id (processor.pad_id, '<｜▁pad▁｜>')"], previews=previews)
+    runtime = EagerRuntime(model, eos_id=ids["eos_token_id"], pad_id=ids["pad_id (processor.pad_id, '<｜▁pad▁｜>')"],
+                           previews=previews)
+    runtime.open_cache(slots, 1400)
+    return runtime
 
 
 def test_eager_runtime_gives_the_reference_text_and_images_batched(model, golden):
@@ -106,3 +109,107 @@ def test_eager_runtime_previews_and_failures(model, golden):
     [error] = outbox.of("bad", "error")
     assert "image positions" in error
     assert outbox.of("g", "images_done") and runtime.free_rows == 8
+
+
+def cpu(model, cases, slots=8, **options):
+    from model.runtime.cpu import CpuRuntime
+
+    ids = cases["special_token_ids"]
+    runtime = CpuRuntime(model, eos_id=ids["eos_token_id"], pad_id=ids["pad_id (processor.pad_id, '<｜▁pad▁｜>')"],
+                         previews=False, **options)
+    runtime.open_cache(slots, 1400)
+    return runtime
+
+
+def test_cpu_runtime_gives_the_reference_text_and_images_batched(model, golden):
+    """Prompts prefilled by the prefill thread, images through the OpenVINO image encoder and decoded by the
+    VQ thread: the golden tokens and pixels."""
+    arrays, cases = golden
+    runtime = cpu(model, cases)
+    assert runtime.describe()["programs"] == ["image encoder", "VQ decoder"]
+    assert runtime.describe()["prefill"] == "thread"
+    outbox = run_all(runtime, [understand_message(arrays, "u1", "conv1"), generate_message(arrays, "g", [0, 1]),
+                               understand_message(arrays, "u2", "conv2")])
+    for rid, case in (("u1", "conv1"), ("u2", "conv2")):
+        assert outbox.of(rid, "token") == arrays[f"understanding.{case}.generated_ids"][0].tolist()
+    images = np.stack(outbox.of("g", "images_done")[0]["images"])
+    diff = np.abs(images.astype(np.int16) - arrays["generation.images_uint8"].astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.001
+    assert runtime.free_rows == 8
+
+
+def test_cpu_prefill_thread_joins_rows_and_fails_or_drops_them_alone(model, golden, monkeypatch):
+    """A prompt joins at the poll after its prefill; a prefill error fails its request only; a request
+    removed mid-prefill never joins and its row comes back; steps meanwhile take half the cores."""
+    import threading
+
+    arrays, cases = golden
+    runtime = cpu(model, cases, slots=4)
+    gate, prefill = threading.Event(), runtime.batch.prefill_text
+
+    def gated(slot, input_ids, **inputs):
+        gate.wait(10)
+        return prefill(slot, input_ids, **inputs)
+
+    monkeypatch.setattr(runtime.batch, "prefill_text", gated)
+    broken = understand_message(arrays, "bad", "conv1")[2]
+    broken["image_mask"] = np.zeros_like(broken["image_mask"])
+    futures = {rid: runtime.start("understand", rid, payload) for rid, payload in
+               (("good", understand_message(arrays, "good", "conv1")[2]), ("bad", broken),
+                ("gone", understand_message(arrays, "gone", "conv2")[2]))}
+    assert runtime.free_rows == 1 and not runtime.batch.sequences and not any(f.done() for f in futures.values())
+    runtime.share_cores()
+    assert runtime.step_threads == max(1, runtime.cores // 2)
+    runtime.remove("gone")
+    gate.set()
+    deadline = time.monotonic() + 30
+    while runtime.prefills and time.monotonic() < deadline:
+        runtime.poll()
+        time.sleep(0.01)
+    assert futures["good"].result()[0].token == arrays["understanding.conv1.generated_ids"][0][0]
+    assert "image positions" in str(futures["bad"].exception())
+    assert futures["gone"].cancelled()
+    assert list(runtime.batch.sequences) == ["good"] and runtime.free_rows == 3
+    runtime.share_cores()
+    assert runtime.step_threads == runtime.cores
+
+
+def test_cpu_vq_thread_fails_one_request_alone_and_skips_cancelled_ones(model, golden):
+    """A decode error fails its future only; one cancelled before its turn is never decoded; while the thread
+    decodes, steps keep off its cores."""
+    import threading
+
+    arrays, cases = golden
+    runtime = cpu(model, cases, slots=2)
+
+    class Decoder:
+        threads = 2
+
+        def __init__(self):
+            self.seen, self.gate = [], threading.Event()
+
+        def decode(self, codes, *, single_thread=False):
+            self.gate.wait(10)
+            self.seen.append(int(codes[0, 0]))
+            if codes[0, 0] == 1:
+                raise ValueError("bad codes")
+            return np.zeros((len(codes), 3, 4, 4), np.float32)
+
+    decoder = runtime.vq_decoder = Decoder()
+    futures = [runtime.decode_images(np.full((1, 576), first, np.int64)) for first in (0, 1, 2)]
+    assert futures[2].cancel()
+    deadline = time.monotonic() + 10
+    while not runtime.vq_cores and time.monotonic() < deadline:  # the thread is inside decode(), at the gate
+        time.sleep(0.01)
+    assert runtime.vq_cores == decoder.threads  # no rows running: all its threads
+    runtime.share_cores()
+    assert runtime.step_threads == max(1, runtime.cores - decoder.threads)
+    decoder.gate.set()
+    images, seconds = futures[0].result(timeout=10)
+    assert images[0].shape == (4, 4, 3) and images.dtype == np.uint8 and seconds > 0
+    with pytest.raises(ValueError, match="bad codes"):
+        futures[1].result(timeout=10)
+    time.sleep(0.2)
+    assert decoder.seen == [0, 1] and runtime.vq_cores == 0
+    runtime.share_cores()
+    assert runtime.step_threads == runtime.cores

@@ -140,6 +140,8 @@ class FakeRuntime:
 
     def finish_decodes(self) -> None:
         for codes, future in self.decodes:
+            if not future.set_running_or_notify_cancel():  # cancelled before its turn: never decoded
+                continue
             rid = codes.removeprefix("codes of ")
             if rid in self.fail_decode:
                 future.set_exception(RuntimeError(f"decoding {rid} failed"))

@@ -32,20 +32,24 @@ def sampling(payload: dict[str, Any]) -> SamplingParams:
 class EagerRuntime:
     name = "eager"
 
-    def __init__(self, model, *, slots: int, row_length: int, eos_id: int, pad_id: int, previews: bool = True,
-                 batch: DecodeBatch | None = None):
-        """`slots` cache rows of `row_length` positions; `previews`: fit the preview palette (one VQ decode)."""
+    def __init__(self, model, *, eos_id: int, pad_id: int, previews: bool = True):
+        """`previews`: fit the preview palette (one VQ decode). The cache comes after (open_cache), so that it
+        can be sized from the memory the runtime's own programs leave."""
         import paddle
 
         self.model = model
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.batch = batch or DecodeBatch(model, slots=slots, max_len=row_length)
+        self.batch: DecodeBatch | None = None
         self.device = str(paddle.get_device())
         self.palette = None
         if previews:
             from ..preview import PreviewPalette
 
             self.palette = PreviewPalette.fit(model.gen_vision_model.codebook.weight.numpy(), self.decode)
+
+    def open_cache(self, slots: int, row_length: int) -> None:
+        """The KV cache: `slots` rows of `row_length` positions."""
+        self.batch = DecodeBatch(self.model, slots=slots, max_len=row_length)
 
     # ---- what the scheduler reads
 

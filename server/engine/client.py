@@ -91,7 +91,8 @@ class WorkerHandle:
         self.row_length = 0
         self.cache: dict[str, Any] = {}  # the KV cache it sized for itself (server/engine/memory.py CachePlan.info)
         self.programs: list[str] = []  # the OpenVINO programs the worker runs on CPU
-        self.prefill = ""  # how it prefills understanding prompts: "process", "thread" or "inline"
+        self.prefill = ""  # how it prefills understanding prompts: "thread" (beside the steps) or "inline"
+        self.runtime = ""  # which runtime it runs (model/runtime/)
         self.steps = 0
         self.batch_rows = 0  # cache rows in use, as the worker itself last reported
         self.reader: threading.Thread | None = None
@@ -104,7 +105,7 @@ class WorkerHandle:
         return self.process is not None and self.process.is_alive()
 
 
-PREFILL_WHERE = {"process": "in a child process", "thread": "in a thread beside the decode loop",
+PREFILL_WHERE = {"thread": "in a thread beside the decode loop",
                  "inline": "in the decode loop"}
 
 
@@ -180,7 +181,7 @@ class EngineClient:
             max_new_tokens=self.config.max_new_tokens_limit, memory_fraction=self.config.memory_fraction,
             max_running_requests=self.config.max_running_requests, cpu_engine=self.config.cpu_engine,
             cpu_vq=self.config.cpu_vq, cpu_vision=self.config.cpu_vision,
-            cpu_prefill=self.config.cpu_prefill, threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
+            threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
 
     def _spawn(self, worker: WorkerHandle) -> None:
         worker.inbox = self._ctx.Queue()
@@ -582,9 +583,10 @@ class EngineClient:
             worker.cache = {**info.get("cache", {}), "device": info["device"]}
             worker.programs = list(info.get("programs", []))
             worker.prefill = info.get("prefill", "inline")
-            log.info("worker %d ready on %s (OpenVINO: %s; understanding prefills: %s); %s", worker.index,
-                     info["device"], ", ".join(worker.programs) or "none", PREFILL_WHERE[worker.prefill],
-                     info.get("cache_summary", ""))
+            worker.runtime = info.get("runtime", "")
+            log.info("worker %d ready on %s: %s runtime (OpenVINO: %s; understanding prefills: %s); %s",
+                     worker.index, info["device"], worker.runtime, ", ".join(worker.programs) or "none",
+                     PREFILL_WHERE[worker.prefill], info.get("cache_summary", ""))
             self._wake.set()
         elif kind == "fatal":
             worker.fatal = message[1]

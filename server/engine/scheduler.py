@@ -137,8 +137,9 @@ class Scheduler:
         """The client gave up on `rid`, in whatever phase it is."""
         self.pending = collections.deque(m for m in self.pending if m[1] != rid)
         for phase in (self.starting, self.decoding):
-            if rid in phase:  # the runtime's work goes on; its result is dropped
+            if rid in phase:  # work the runtime has begun goes on; its result is dropped
                 phase[rid].cancelled = True
+                phase[rid].future.cancel()
         if rid in self.starting or self.running.pop(rid, None) is not None:
             self.runtime.remove(rid)
 

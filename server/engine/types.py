@@ -11,8 +11,6 @@ import dataclasses
 import uuid
 from typing import Any
 
-import numpy as np
-
 from server.engine.memory import DEFAULT_MEMORY_FRACTION
 
 
@@ -126,7 +124,7 @@ class UnderstandResult:
 @dataclasses.dataclass
 class GenerateResult:
     request_id: str
-    images: list[np.ndarray]  # uint8 [384, 384, 3] each
+    images: list[Any]  # numpy uint8 [384, 384, 3] each
     seeds: list[int]  # the seed of each image: n=1 with that seed gives that image again
     usage: Usage
     timings: Timings
@@ -217,4 +215,3 @@ class EngineConfig:
     cpu_engine: str = "eager"  # "openvino": decode steps on CPU through Paddle Inference + OpenVINO (float32)
     cpu_vq: str = "auto"  # CPU VQ decoder: "openvino" (in a thread beside the decode loop), "eager", "auto"
     cpu_vision: str = "auto"  # CPU image encoder (SigLIP + aligner): "openvino", "eager", "auto"
-    cpu_prefill: str = "auto"  # CPU understanding prefills: "process", "thread", "auto" (process for small models)

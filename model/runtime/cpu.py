@@ -1,0 +1,259 @@
+"""The CPU runtime: eager Paddle for the language model, with OpenVINO programs for the image encoder
+and the VQ decoder, and the slow parts in background threads (the interface: model/runtime/__init__.py).
+
+- Understanding prompts (SigLIP and a prefill of hundreds of tokens) are run by a prefill thread into
+  cache rows reserved for them, while the running rows keep stepping; each joins at the first
+  `poll()` after its prefill (DecodeBatch.reserve_text / prefill_text / start_text). Paddle's kernels
+  and the OpenVINO image encoder release the GIL, so the two run on different cores.
+- Finished image codes are VQ-decoded by a thread running the OpenVINO decoder (one call that
+  releases the GIL), on one core while rows are stepping and on all when the batch is idle.
+- Steps take the cores the VQ thread leaves, half of them while a prefill runs (share_cores).
+- `--cpu-engine openvino` steps through Paddle Inference + OpenVINO instead (model/cpu_engine.py);
+  it takes one caller, so prompts are then prefilled in the loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from ..cpu_engine import cpu_threads
+from ..generation import to_uint8_images
+from ..llama import numpy_attention
+from .eager import EagerRuntime, done
+
+log = logging.getLogger("janus.worker")
+
+
+@dataclasses.dataclass
+class Prefill:
+    """An understanding prompt the prefill thread runs into its reserved cache row."""
+
+    rid: str
+    slot: int
+    payload: dict[str, Any]
+    future: Future
+    cancelled: bool = False
+    logits: Any = None
+    error: BaseException | None = None
+
+
+def use_cpu_threads(threads: int) -> None:
+    """Paddle's thread count for this process, and the large numpy products' (model/cpu_blas.py)."""
+    import paddle
+
+    from .. import cpu_blas
+
+    paddle.base.core.set_num_threads(threads)
+    if cpu_blas.configured():
+        cpu_blas.configure(gemm_threads=threads, small_threads=1)
+
+
+def limit_blas_threads() -> None:
+    """Numpy's BLAS to one thread, but for the large products of llama.linear (model/cpu_blas.py).
+
+    Paddle's OpenMP threads keep spinning for a while after each op; a second pool of BLAS
+    threads then fights them for the same cores. Measured on the 2-core dev box, janus-tiny
+    understanding prefill (SigLIP + 620-token prompt): 46-170 ms with both pools, 27-32 ms so.
+    The large products (llama.linear: Janus-1.3B's projections and heads) take the cores the
+    loop may use, which share_cores keeps up to date.
+    """
+    from .. import cpu_blas
+
+    cpu_blas.configure(gemm_threads=cpu_threads(), small_threads=1)
+
+
+def make_cpu_program(what: str, choice: str, build):
+    """An OpenVINO program from `build()` when asked for ("openvino"), or with "auto" when the openvino
+    package is installed; None (eager Paddle) otherwise, or when "auto" cannot build it."""
+    if choice == "eager":
+        return None
+    from ..cpu_engine import openvino_runtime_available
+
+    if choice == "auto" and not openvino_runtime_available():
+        return None
+    try:
+        return build()
+    except Exception:
+        if choice == "openvino":
+            raise
+        log.warning("OpenVINO %s unavailable, running it in eager Paddle", what, exc_info=True)
+        return None
+
+
+class CpuRuntime(EagerRuntime):
+    name = "cpu"
+
+    def __init__(self, model, *, eos_id: int, pad_id: int, cpu_engine: str = "eager", cpu_vq: str = "auto",
+                 cpu_vision: str = "auto", previews: bool = True):
+        limit_blas_threads()
+        self.forward_hidden = None
+        if cpu_engine == "openvino":
+            from ..cpu_engine import CpuDecodeEngine
+
+            self.forward_hidden = CpuDecodeEngine(model).forward_hidden
+        # The prefill thread writes its rows of the cache through numpy views (llama.numpy_attention);
+        # the OpenVINO decode engine takes one caller.
+        self.prefill_thread = self.forward_hidden is None and numpy_attention(model.language_model.lm_head.weight)
+        from ..cpu_engine import CpuVQDecoder
+        from ..cpu_vision import CpuVisionEncoder
+
+        self.vision = make_cpu_program("image encoder", cpu_vision,
+                                       lambda: CpuVisionEncoder(model, single_thread_copy=True))
+        self.vq_decoder = make_cpu_program("VQ decoder", cpu_vq, lambda: CpuVQDecoder(model, single_thread_copy=True))
+        self.cores = cpu_threads()
+        self.vq_cores = 0  # cores the VQ thread decodes on now (set by the thread)
+        self.step_threads = self.cores
+        self.prefills: dict[str, Prefill] = {}  # in the thread or done, not yet joined
+        self.prefill_jobs: queue.Queue = queue.Queue()
+        self.prefill_done: queue.Queue = queue.Queue()
+        self.vq_jobs: queue.Queue = queue.Queue()
+        super().__init__(model, eos_id=eos_id, pad_id=pad_id, previews=previews)
+        if self.prefill_thread:
+            threading.Thread(target=self.prefill_loop, name="prefill", daemon=True).start()
+        if self.vq_decoder is not None:
+            threading.Thread(target=self.vq_loop, name="vq-decode", daemon=True).start()
+
+    def open_cache(self, slots: int, row_length: int) -> None:
+        super().open_cache(slots, row_length)
+        self.batch.forward_hidden = self.forward_hidden or self.batch.forward_hidden
+        if self.vision is not None:
+            self.batch.encode_images = self.encode_images
+
+    def describe(self) -> dict[str, Any]:
+        programs = [name for name, program in (("decode engine", self.forward_hidden), ("image encoder", self.vision),
+                                               ("VQ decoder", self.vq_decoder)) if program is not None]
+        return {**super().describe(), "runtime": self.name, "programs": programs,
+                "prefill": "thread" if self.prefill_thread else "inline"}
+
+    # ---- prefills in the background
+
+    @property
+    def free_rows(self) -> int:
+        return self.batch.pool.free  # rows reserved for prefills are taken already
+
+    def start(self, kind: str, rid: str, payload: dict[str, Any]) -> Future:
+        if kind != "understand" or not self.prefill_thread:
+            return super().start(kind, rid, payload)
+        try:
+            slot = self.batch.reserve_text(len(payload["input_ids"]), payload["max_new_tokens"])
+        except Exception as error:  # noqa: BLE001 - this request fails alone
+            return done(error=error)
+        job = Prefill(rid, slot, payload, Future())
+        self.prefills[rid] = job
+        self.prefill_jobs.put(job)
+        return job.future
+
+    def prefill_loop(self) -> None:
+        """Thread: run each reserved understanding prompt into its cache row; poll() joins it."""
+        while True:
+            job = self.prefill_jobs.get()
+            if not job.cancelled:
+                payload = job.payload
+                try:
+                    job.logits = self.batch.prefill_text(job.slot, payload["input_ids"],
+                                                         image_mask=payload["image_mask"],
+                                                         pixel_values=payload["pixel_values"])
+                except Exception as error:  # noqa: BLE001 - this request fails alone
+                    job.error = error
+            self.prefill_done.put(job)
+
+    def poll(self) -> None:
+        """Prompts whose prefill is done join the batch (or fail, or are dropped, alone)."""
+        while True:
+            try:
+                job = self.prefill_done.get_nowait()
+            except queue.Empty:
+                return
+            del self.prefills[job.rid]
+            if job.cancelled or job.error is not None:
+                self.batch.pool.give_back([job.slot])
+                if job.cancelled:
+                    job.future.cancel()
+                else:
+                    job.future.set_exception(job.error)
+                continue
+            events = self.batch.start_text(job.rid, job.slot, len(job.payload["input_ids"]), job.logits,
+                                           **self.text_options(job.payload))
+            job.future.set_result(events)
+
+    def remove(self, rid: str) -> None:
+        if rid in self.prefills:  # its row is freed when the thread is done with it
+            self.prefills[rid].cancelled = True
+        else:
+            super().remove(rid)
+
+    def encode_images(self, pixels):
+        """The vision program, on one core while the prefill thread runs beside stepping rows, else on all
+        (as the VQ thread does)."""
+        return self.vision.encode_images(pixels, single_thread=self.prefill_thread and bool(self.batch.sequences))
+
+    # ---- steps
+
+    def step(self):
+        self.share_cores()
+        return super().step()
+
+    def free_cores(self, shared: bool) -> int:
+        """The cores the VQ thread is not decoding on, halved when `shared` by the loop and a prefill."""
+        free = max(1, self.cores - self.vq_cores)
+        return max(1, free // 2) if shared else free
+
+    def share_cores(self) -> None:
+        """Paddle's threads: the cores the VQ thread is not using, halved while the prefill thread runs.
+
+        Both at once on the same cores stall each other: Paddle's OpenMP ops wait at their
+        barriers for a thread that is off the core. Measured with janus-tiny on the 2-core dev
+        box, 8 concurrent image requests: steps beside a one-thread VQ decode took 15-24 ms with
+        2 Paddle threads and 6-7 ms with 1. Paddle's thread count is one setting for the whole
+        process, so the loop and the prefill thread share it: half the free cores each.
+        (Not yet measured at Janus-1.3B's sizes.)
+        """
+        want = self.free_cores(shared=bool(self.prefills))
+        if want != self.step_threads:
+            use_cpu_threads(want)
+            self.step_threads = want
+
+    # ---- images in the background
+
+    def decode(self, codes) -> np.ndarray:
+        if self.vq_decoder is None:
+            return super().decode(codes)
+        return to_uint8_images(self.vq_decoder.decode(codes))
+
+    def decode_images(self, codes) -> Future:
+        if self.vq_decoder is None:
+            return super().decode_images(codes)
+        future: Future = Future()
+        self.vq_jobs.put((codes, future))
+        return future
+
+    def vq_loop(self) -> None:
+        """Thread: decode finished image codes with the VQ program."""
+        while True:
+            codes, future = self.vq_jobs.get()
+            if not future.set_running_or_notify_cancel():  # cancelled while it waited
+                continue
+            # One core while the loop has rows to step, all when it is idle. Measured with janus-tiny,
+            # 8 concurrent image requests on 2 cores, and no faster: taking all cores when images
+            # pile up; two of these threads, each on its own one-thread request, unpinned as
+            # CompiledCopies runs them (1.46-1.48 against 1.59-1.66 images/s); and those two at
+            # nice 10 or 19 (1.32-1.49), probably because a descheduled thread can hold the GIL
+            # that the loop waits for.
+            single = bool(self.batch.sequences)
+            self.vq_cores = 1 if single else self.vq_decoder.threads
+            started = time.perf_counter()
+            try:
+                images = to_uint8_images(self.vq_decoder.decode(codes, single_thread=single))
+            except Exception as error:  # noqa: BLE001 - this request fails alone
+                future.set_exception(error)
+            else:
+                future.set_result((images, time.perf_counter() - started))
+            finally:
+                self.vq_cores = 0
