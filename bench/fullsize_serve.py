@@ -2,12 +2,14 @@
 
 Writes a random-weight checkpoint once, in the Hugging Face release's layout and dtype (one BF16
 model.safetensors, 2.09 B parameters, 4.2 GB; the tokenizer and processor files are janus-tiny's),
-into a cache folder. Then runs `janus-server serve --model FOLDER` with no tuning flags and reports:
+into a cache folder. Then runs `janus-server serve --model FOLDER` (this checkout's, or --repo's: two
+versions compared in one run) with no tuning flags and reports:
 
     seconds to /ready, and the KV cache the worker chose (from /ready)
     peak resident memory of the server's process tree (the sum over its processes, sampled every
     0.2 s; and each process's own peak, VmHWM)
     one understanding request (one image, greedy): first-token time, ms per later token
+    with --understand-concurrency 1,8: that many requests at once, tokens/s over all
     one image (/generate, n=1): seconds
 
 It checks free memory and disk first, and stops with a message if either is short. One full-size

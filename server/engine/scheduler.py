@@ -26,6 +26,7 @@ import os
 import queue
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -167,36 +168,31 @@ class Scheduler:
         self.collect_decoded()
 
     def collect_started(self) -> None:
-        for rid, request in list(self.starting.items()):
-            if not request.future.done():
-                continue
-            del self.starting[rid]
-            if request.cancelled:
-                continue
-            error = request.future.exception()
-            if error is not None:
-                self.fail(rid, error)
-                continue
-            events = request.future.result()  # its first token, or its first image step
+        for rid, request, events in self.finished(self.starting):  # events: its first token, or image step
             request.prefill = time.perf_counter() - request.admitted_at
             request.future = None
             self.running[rid] = request
             self.handle(events)
 
     def collect_decoded(self) -> None:
-        for rid, request in list(self.decoding.items()):
+        for rid, request, (images, seconds) in self.finished(self.decoding):
+            self.events.append((rid, "images_done", {"images": list(images), **self.timings(request),
+                                                     "vq_decode": seconds}))
+
+    def finished(self, phase: dict[str, Request]) -> Iterator[tuple[str, Request, Any]]:
+        """The requests of `phase` whose future is done, taken out of it, with its result; the cancelled ones
+        are dropped, the failed ones failed."""
+        for rid, request in list(phase.items()):
             if not request.future.done():
                 continue
-            del self.decoding[rid]
+            del phase[rid]
             if request.cancelled:
                 continue
             error = request.future.exception()
             if error is not None:
                 self.fail(rid, error)
                 continue
-            images, seconds = request.future.result()
-            self.events.append((rid, "images_done", {"images": list(images), **self.timings(request),
-                                                     "vq_decode": seconds}))
+            yield rid, request, request.future.result()
 
     def step(self) -> None:
         started = time.perf_counter()
