@@ -6,8 +6,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.engine.memory import DEFAULT_MEMORY_FRACTION
-from server.engine.types import EngineConfig
+from server.engine.types import DEFAULT_MEMORY_FRACTION, EngineConfig
 
 CommaList = Annotated[list[str], NoDecode]
 

@@ -65,12 +65,17 @@ def generate_message(arrays, rid, seeds, **sampling):
     return ("generate", rid, payload)
 
 
-def eager(model, cases, slots=8, previews=False):
+def opened(runtime_class, model, cases, slots, **options):
+    """A runtime for the golden set's special tokens, with `slots` cache rows of 1400 positions."""
     ids = cases["special_token_ids"]
-    runtime = EagerRuntime(model, eos_id=ids["eos_token_id"], pad_id=ids["pad_id (processor.pad_id, '<｜▁pad▁｜>')"],
-                           previews=previews)
+    runtime = runtime_class(model, eos_id=ids["eos_token_id"], pad_id=ids["pad_id (processor.pad_id, '<｜▁pad▁｜>')"],
+                            **options)
     runtime.open_cache(slots, 1400)
     return runtime
+
+
+def eager(model, cases, slots=8, previews=False):
+    return opened(EagerRuntime, model, cases, slots, previews=previews)
 
 
 def test_eager_runtime_gives_the_reference_text_and_images_batched(model, golden):
@@ -111,14 +116,10 @@ def test_eager_runtime_previews_and_failures(model, golden):
     assert outbox.of("g", "images_done") and runtime.free_rows == 8
 
 
-def cpu(model, cases, slots=8, **options):
+def cpu(model, cases, slots=8):
     from model.runtime.cpu import CpuRuntime
 
-    ids = cases["special_token_ids"]
-    runtime = CpuRuntime(model, eos_id=ids["eos_token_id"], pad_id=ids["pad_id (processor.pad_id, '<｜▁pad▁｜>')"],
-                         previews=False, **options)
-    runtime.open_cache(slots, 1400)
-    return runtime
+    return opened(CpuRuntime, model, cases, slots, previews=False)
 
 
 def test_cpu_runtime_gives_the_reference_text_and_images_batched(model, golden):

@@ -129,14 +129,10 @@ class CpuRuntime(EagerRuntime):
     def describe(self) -> dict[str, Any]:
         programs = [name for name, program in (("decode engine", self.forward_hidden), ("image encoder", self.vision),
                                                ("VQ decoder", self.vq_decoder)) if program is not None]
-        return {**super().describe(), "runtime": self.name, "programs": programs,
+        return {**super().describe(), "programs": programs,
                 "prefill": "thread" if self.prefill_thread else "inline"}
 
     # ---- prefills in the background
-
-    @property
-    def free_rows(self) -> int:
-        return self.batch.pool.free  # rows reserved for prefills are taken already
 
     def start(self, kind: str, rid: str, payload: dict[str, Any]) -> Future:
         if kind != "understand" or not self.prefill_thread:

@@ -30,13 +30,6 @@ def load(model_path: str, dtype: str, device: str):
     return load_model(model_path, dtype=None if dtype == "auto" else dtype, device=device)
 
 
-def cache_position_bytes(model) -> int:
-    """Bytes of one KV-cache position: a key and a value for every layer, in the model's dtype."""
-    lm = model.config.language
-    element = model.language_model.lm_head.weight.element_size()
-    return 2 * lm.num_hidden_layers * lm.num_key_value_heads * lm.head_dim * element
-
-
 def gpu_memory(device: str) -> tuple[int, int]:
     """(bytes free on the GPU, bytes this process's tensors hold there). Free is what CUDA reports
     (cudaMemGetInfo: other processes' use counted) plus what Paddle's allocator holds unused; where

@@ -55,7 +55,7 @@ class EagerRuntime:
 
     @property
     def free_rows(self) -> int:
-        return self.batch.pool.free
+        return self.batch.pool.free  # rows reserved for prefills under way (CpuRuntime) are taken already
 
     @property
     def rows_in_use(self) -> int:

@@ -24,14 +24,13 @@ from typing import Any, AsyncIterator
 
 from server.engine.memory import gb, resident_bytes
 from server.engine.types import (
-    EngineConfig, EngineError, EngineNotReadyError, GenerateRequest, GenerateResult,
+    IMAGE_TOKENS, EngineConfig, EngineError, EngineNotReadyError, GenerateRequest, GenerateResult,
     InvalidRequestError, OverloadedError, ProgressEvent, RequestFailedError, RequestTimeoutError,
     Timings, TokenEvent, UnderstandRequest, UnderstandResult, Usage, WorkerRestartedError,
 )
 from server.engine.worker import WorkerConfig, run_worker
 
 log = logging.getLogger("janus.engine")
-IMAGE_TOKENS = 576
 # Retry-After's run time of a request before any has been answered (then: the measured mean)
 UNMEASURED_RUN_TIME = 2.0
 # A worker that dies this many times in a row before it is ready is not started again.
@@ -340,8 +339,8 @@ class EngineClient:
             "top_p": req.top_p, "presence_penalty": req.presence_penalty,
             "frequency_penalty": req.frequency_penalty, "seed": req.seed, "max_new_tokens": req.max_new_tokens,
         }
-        request = self._enqueue(req.request_id, "understand", payload, rows=1, timeout=req.timeout)
-        request.length, request.too_long, request.param = length, too_long, "messages"
+        request = self._enqueue(req.request_id, "understand", payload, rows=1, timeout=req.timeout,
+                                length=length, too_long=too_long, param="messages")
         decoder = StopStringDecoder(self._processor, req.stop)
         try:
             while True:
@@ -408,8 +407,8 @@ class EngineClient:
             "prompt_ids": prompt_ids, "n": req.n, "cfg_weight": req.cfg_weight, "temperature": req.temperature,
             "top_k": req.top_k, "top_p": req.top_p, "seeds": seeds, "preview_every": req.preview_every,
         }
-        request = self._enqueue(req.request_id, "generate", payload, rows=2 * req.n, timeout=req.timeout)
-        request.length, request.too_long, request.param = length, too_long, "prompt"
+        request = self._enqueue(req.request_id, "generate", payload, rows=2 * req.n, timeout=req.timeout,
+                                length=length, too_long=too_long, param="prompt")
         try:
             while True:
                 kind, data = await self._next_event(request)
@@ -442,11 +441,20 @@ class EngineClient:
     def _check_length(self, length: int, too_long: str, param: str) -> None:
         """Refuse a request longer than any worker's cache rows, once one has sized its cache (until then,
         the dispatch checks it: _unservable)."""
+        error = self._length_error(length, too_long, param)
+        if error is not None:
+            raise error
+
+    def _length_error(self, length: int, too_long: str, param: str | None) -> InvalidRequestError | None:
         limit = self.row_length
         if limit is not None and length > limit:
-            raise InvalidRequestError(f"{too_long} this server's context of {limit} tokens", param=param)
+            return InvalidRequestError(f"{too_long} this server's context of {limit} tokens", param=param)
+        return None
 
-    def _enqueue(self, rid: str, kind: str, payload: dict, *, rows: int, timeout: float | None) -> PendingRequest:
+    def _enqueue(self, rid: str, kind: str, payload: dict, *, rows: int, timeout: float | None, length: int = 0,
+                 too_long: str = "", param: str | None = None) -> PendingRequest:
+        """Queue a request; `length`: the cache positions each of its rows takes, `too_long` and `param`: what
+        to say when no worker's rows are that long."""
         if len(self._waiting) >= self.config.max_queue:
             raise OverloadedError(
                 f"{len(self._waiting)} requests are already waiting; try again later",
@@ -455,7 +463,7 @@ class EngineClient:
         request = PendingRequest(
             rid=rid, kind=kind, payload=payload, rows=rows,
             deadline=now + (timeout if timeout is not None else self.config.request_timeout),
-            events=asyncio.Queue(), enqueued_at=now)
+            events=asyncio.Queue(), enqueued_at=now, length=length, too_long=too_long, param=param)
         self._waiting.append(request)
         self._wake.set()
         return request
@@ -502,9 +510,9 @@ class EngineClient:
             return None
         if any(w.row_length >= request.length and w.rows >= request.rows for w in sized):
             return None
-        if request.length > self.row_length:
-            return InvalidRequestError(f"{request.too_long} this server's context of {self.row_length} tokens",
-                                       param=request.param)
+        too_long = self._length_error(request.length, request.too_long, request.param)
+        if too_long is not None:
+            return too_long
         return InvalidRequestError(f"the request needs {request.rows} batch rows (two per image for guidance); "
                                    f"this server runs at most {self.batch_rows}", param="n")
 
@@ -565,6 +573,7 @@ class EngineClient:
                 self._loop.call_soon_threadsafe(self._on_message, worker, process, message)
             except RuntimeError:
                 return
+        process.join(timeout=5)  # here, not in the event loop: its pipe closes as it exits, the exit code follows
         try:  # after its last message, so that a "fatal" it sent is known first
             self._loop.call_soon_threadsafe(self._on_exit, worker, process)
         except RuntimeError:
@@ -578,9 +587,8 @@ class EngineClient:
             info = message[1]
             worker.ready = True
             worker.loading_deaths, worker.loading_problem = 0, None
-            worker.rows = info["rows"]
-            worker.row_length = info["row_length"]
-            worker.cache = {**info.get("cache", {}), "device": info["device"]}
+            worker.cache = {**info["cache"], "device": info["device"]}
+            worker.rows, worker.row_length = worker.cache["rows"], worker.cache["row_length"]
             worker.programs = list(info.get("programs", []))
             worker.prefill = info.get("prefill", "inline")
             worker.runtime = info.get("runtime", "")
@@ -617,7 +625,6 @@ class EngineClient:
         with the reason, as a worker that reported a fatal error is."""
         if process is not worker.process or self._stopping or worker.fatal:
             return
-        process.join(timeout=5)  # its pipe closes as it exits: the exit code follows at once
         code = process.exitcode
         if worker.ready:
             self._deaths["died_while_serving"] += 1

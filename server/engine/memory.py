@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-IMAGE_TOKENS = 576
+from server.engine.types import IMAGE_TOKENS
+
 # Positions an understanding request takes besides its answer: one image and a short question in the
 # chat template (janus-tiny's and Janus-1.3B's templates put 20-30 tokens around one image).
 ONE_IMAGE_PROMPT = IMAGE_TOKENS + 64
 BLOCK = 64  # the cache's positions come in blocks of this many (model/llama.py KVCache)
 MIN_ROWS = 2  # one image: its prompt twice, with and without the text (classifier-free guidance)
-DEFAULT_MEMORY_FRACTION = 0.7
 
 
 class CacheDoesNotFit(RuntimeError):

@@ -30,9 +30,10 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
+from server.engine.types import IMAGE_TOKENS
+
 log = logging.getLogger("janus.worker")
 
-IMAGE_TOKENS = 576
 IDLE_WAIT = 0.5  # seconds the loop blocks on its inbox when nothing runs
 FUTURE_WAIT = 0.01  # seconds it waits on the runtime's futures when only they are in flight
 

@@ -11,7 +11,8 @@ import dataclasses
 import uuid
 from typing import Any
 
-from server.engine.memory import DEFAULT_MEMORY_FRACTION
+IMAGE_TOKENS = 576  # codes per generated image (24 x 24)
+DEFAULT_MEMORY_FRACTION = 0.7  # of the memory free after loading, for the KV cache (server/engine/memory.py)
 
 
 def new_request_id(prefix: str = "req") -> str:

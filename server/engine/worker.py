@@ -16,9 +16,10 @@ import os
 import threading
 
 from server.engine.memory import (
-    DEFAULT_MEMORY_FRACTION, CacheDoesNotFit, CachePlan, gb, host_available_bytes, plan_cache, resident_bytes,
+    CacheDoesNotFit, CachePlan, bytes_per_position, gb, host_available_bytes, plan_cache, resident_bytes,
 )
 from server.engine.scheduler import Scheduler
+from server.engine.types import DEFAULT_MEMORY_FRACTION
 
 
 @dataclasses.dataclass
@@ -47,13 +48,17 @@ def device_memory(device: str, support) -> tuple[int, int]:
     return support.gpu_memory(device)
 
 
-def plan_worker_cache(config: WorkerConfig, model, support, free: int, loaded: int) -> CachePlan:
-    """The KV cache for `free` bytes of the device (the worker holding `loaded`), within the configured bounds."""
+def plan_worker_cache(config: WorkerConfig, model, free: int, loaded: int) -> CachePlan:
+    """The KV cache for `free` bytes of the device (the worker holding `loaded`), within the configured bounds;
+    the cache takes the model's dtype."""
+    lm = model.config.language
+    element_bytes = model.language_model.lm_head.weight.element_size()
     return plan_cache(
         free_bytes=free, loaded_bytes=loaded, fraction=config.memory_fraction,
-        bytes_per_position=support.cache_position_bytes(model), max_new_tokens=config.max_new_tokens,
-        max_context=model.config.language.max_position_embeddings, max_rows=config.max_batch_rows,
-        max_positions=config.max_cache_tokens)
+        bytes_per_position=bytes_per_position(lm.num_hidden_layers, lm.num_key_value_heads, lm.head_dim,
+                                              element_bytes),
+        max_new_tokens=config.max_new_tokens, max_context=lm.max_position_embeddings,
+        max_rows=config.max_batch_rows, max_positions=config.max_cache_tokens)
 
 
 class Outbox:
@@ -61,8 +66,8 @@ class Outbox:
 
     Each message is pickled and written by the loop itself, under a lock. A multiprocessing.Queue
     would hand it to a feeder thread instead, which then takes the GIL from the loop at every
-    step: measured with janus-tiny, 8 concurrent
-    understanding requests, the loop's empty inbox check took over 0.2 ms in half the steps.
+    step: measured with janus-tiny, 8 concurrent understanding requests, the loop's empty inbox
+    check took over 0.2 ms in half the steps.
     Once the API process is gone, messages are dropped; the loop notices and exits.
     """
 
@@ -96,7 +101,7 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
                                        cpu_engine=config.cpu_engine, cpu_vq=config.cpu_vq,
                                        cpu_vision=config.cpu_vision)
         # Everything but the cache is in memory now: what is left decides its size.
-        plan = plan_worker_cache(config, model, support, *device_memory(device, support))
+        plan = plan_worker_cache(config, model, *device_memory(device, support))
         runtime.open_cache(plan.rows, plan.row_length)
     except CacheDoesNotFit as error:
         outbox.put(("fatal", str(error)))
@@ -104,8 +109,7 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
     except Exception as error:  # noqa: BLE001 - the parent reports it and stops retrying
         outbox.put(("fatal", f"{type(error).__name__}: {error}"))
         return
-    outbox.put(("ready", {**runtime.describe(), "row_length": plan.row_length, "rows": plan.rows,
-                          "cache": {**plan.info(), "weights_bytes": weights_bytes},
+    outbox.put(("ready", {**runtime.describe(), "cache": {**plan.info(), "weights_bytes": weights_bytes},
                           "cache_summary": f"{plan.describe()} (the weights alone {gb(weights_bytes)})",
                           "pid": os.getpid()}))
     Scheduler(runtime, inbox, outbox, max_running_requests=config.max_running_requests).run()
