@@ -1,4 +1,5 @@
 """The runtimes (model/runtime/) under the scheduler, against the official implementation's outputs."""
+import concurrent.futures
 import json
 import queue
 import time
@@ -159,10 +160,14 @@ def test_cpu_prefill_thread_joins_rows_and_fails_or_drops_them_alone(model, gold
                (("good", understand_message(arrays, "good", "conv1")[2]), ("bad", broken),
                 ("gone", understand_message(arrays, "gone", "conv2")[2]))}
     assert runtime.free_rows == 1 and not runtime.batch.sequences and not any(f.done() for f in futures.values())
+    waits = runtime.background()  # what an idle loop waits on: done as the thread finishes, before poll()
+    assert len(waits) == 3 and not any(w.done() for w in waits)
     runtime.share_cores()
     assert runtime.step_threads == max(1, runtime.cores // 2)
     runtime.remove("gone")
     gate.set()
+    concurrent.futures.wait(waits, timeout=30)
+    assert all(w.done() for w in waits)
     deadline = time.monotonic() + 30
     while runtime.prefills and time.monotonic() < deadline:
         runtime.poll()
@@ -170,7 +175,7 @@ def test_cpu_prefill_thread_joins_rows_and_fails_or_drops_them_alone(model, gold
     assert futures["good"].result()[0].token == arrays["understanding.conv1.generated_ids"][0][0]
     assert "image positions" in str(futures["bad"].exception())
     assert futures["gone"].cancelled()
-    assert list(runtime.batch.sequences) == ["good"] and runtime.free_rows == 3
+    assert list(runtime.batch.sequences) == ["good"] and runtime.free_rows == 3 and runtime.background() == []
     runtime.share_cores()
     assert runtime.step_threads == runtime.cores
 

@@ -46,7 +46,7 @@ class FakeRuntime:
 
     def __init__(self, rows: int = 4, background: bool = False):
         self.capacity = rows
-        self.background = background
+        self.deferred = background
         self.sequences: dict[str, Sequence] = {}
         self.starting: dict[str, tuple[Sequence, Future]] = {}
         self.decodes: list[tuple[object, Future]] = []
@@ -77,7 +77,7 @@ class FakeRuntime:
         sequence = Sequence(rid, kind, rows, payload.get("max_new_tokens", 0))
         future: Future = Future()
         self.starting[rid] = (sequence, future)
-        if not self.background:
+        if not self.deferred:
             self.finish_start(rid)
         return future
 
@@ -95,6 +95,9 @@ class FakeRuntime:
 
     def poll(self) -> None:
         self.calls.append("poll")
+
+    def background(self) -> list:
+        return []
 
     def advance(self, sequence: Sequence) -> list[Event]:
         sequence.made += 1
@@ -134,7 +137,7 @@ class FakeRuntime:
     def decode_images(self, codes) -> Future:
         future: Future = Future()
         self.decodes.append((codes, future))
-        if not self.background:
+        if not self.deferred:
             self.finish_decodes()
         return future
 

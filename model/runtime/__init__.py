@@ -12,6 +12,8 @@ whatever threads, programs or streams its device needs. The scheduler calls, fro
         token, or its first image step), once it has joined the running rows; its exception, why
         it failed (the rows are free again).
     runtime.poll()                       takes in what the background finished (call between steps)
+    runtime.background() -> [Future]     futures that finish when poll() has something to take in (the
+                                         scheduler waits on them when nothing steps)
     runtime.step() -> [StepEvent]        one step over every running row
     runtime.step_each() -> ([StepEvent], {rid: error})
                                          the same, one sequence at a time, after step() raised

@@ -38,7 +38,8 @@ class Prefill:
     rid: str
     slot: int
     payload: dict[str, Any]
-    future: Future
+    future: Future  # done once the prompt has joined the batch (in poll(), on the loop's thread)
+    computed: Future = dataclasses.field(default_factory=Future)  # done when the thread is done with it
     cancelled: bool = False
     logits: Any = None
     error: BaseException | None = None
@@ -159,6 +160,10 @@ class CpuRuntime(EagerRuntime):
                 except Exception as error:  # noqa: BLE001 - this request fails alone
                     job.error = error
             self.prefill_done.put(job)
+            job.computed.set_result(None)  # wakes a loop with nothing to step (Scheduler.in_flight)
+
+    def background(self) -> list[Future]:
+        return [job.computed for job in self.prefills.values()]
 
     def poll(self) -> None:
         """Prompts whose prefill is done join the batch (or fail, or are dropped, alone)."""

@@ -88,6 +88,9 @@ class EagerRuntime:
     def poll(self) -> None:
         """Nothing runs in the background."""
 
+    def background(self) -> list[Future]:
+        return []
+
     def step(self):
         return self.batch.step()
 

@@ -92,7 +92,10 @@ class Scheduler:
         self.flush()
 
     def in_flight(self) -> list[Future]:
-        return [r.future for r in (*self.starting.values(), *self.decoding.values()) if r.future is not None]
+        """What the loop may wait on when nothing steps: the requests' futures, and the runtime's own for work
+        that only its poll() turns into a result."""
+        mine = [r.future for r in (*self.starting.values(), *self.decoding.values()) if r.future is not None]
+        return mine + self.runtime.background()
 
     def take_messages(self) -> bool:
         """Read the inbox (waiting when there is nothing to step); False on "stop"."""
