@@ -201,7 +201,7 @@ async def main() -> None:
     parser.add_argument("--max-cache-tokens", type=int, default=32 * 1024, help="at most; the cache is sized from "
                         "free memory, its rows as long as an image and a question plus --max-new-tokens")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: all cores)")
-    parser.add_argument("--cpu-engine", default="eager", choices=["eager", "openvino"], help="CPU decode path")
+    parser.add_argument("--cpu-engine", default="eager", choices=["auto", "eager", "openvino"], help="CPU decoder layers")
     parser.add_argument("--cpu-vq", default="auto", choices=["auto", "eager", "openvino"], help="CPU VQ decoder")
     parser.add_argument("--cpu-vision", default="auto", choices=["auto", "eager", "openvino"],
                         help="CPU image encoder")

@@ -1,40 +1,10 @@
-"""CPU decode backend: the LLaMA stack through Paddle Inference's OpenVINO engine, float32.
-
-Why: on CPU one decode step reads every weight once, so its speed is set by how close
-the matmul kernels get to memory bandwidth. Measured on the 2-core dev box (bench/
-cpu_decode_floor.py, full-size LM, 64 cached tokens): eager fp32 (MKL) ~410-470 ms at batch 2,
-~1080-1290 ms at batch 8; this engine ~180-220 ms and ~320-370 ms, its programs streaming
-the weights at ~29 GB/s, about what a read-only pass over a large array achieves there.
-
-How: the weight-heavy parts of each layer run as OpenVINO programs exported from the
-eager model's own parameters, one program per gap between two attentions:
-
-    first:     x -> input norm -> qkv -> rotary                         (layer 0)
-    mid[i]:    attn, res -> o_proj + residual -> MLP block + residual    (layer i)
-                            -> input norm -> qkv -> rotary               (layer i+1)
-    last:      attn, res -> o_proj + residual -> MLP block -> final norm (last layer)
-
-Attention runs between them in numpy, directly on zero-copy views of the eager
-KVCache tensors (same blocked layout, written in place), because the OpenVINO
-engine op memcpys every input on every call: a cache fed to it would be copied whole
-each step. The programs have one dynamic dimension (rows = batch x tokens), which
-OpenVINO handles without recompiling (a new row count costs nothing measurable), so
-batch size and attended length may change freely from step to step; the attended
-length never enters a program. The same path runs prefill (T > 1).
-
-Numerics are float32 throughout and match eager to ~5e-6 relative; any error from
-the engine is only logged by Paddle, so every call checks output shapes and the tests
-compare against eager.
-
-Usage (see CpuDecodeEngine):
-    engine = CpuDecodeEngine(model)                   # model: JanusModel / LlamaForCausalLM / LlamaModel
-    hidden = engine.forward_hidden(embeds, cache, slots, start)   # = model.forward_hidden(...)
+"""The OpenVINO programs of the image side on CPU: the VQ decoder (CpuVQDecoder), exported as a Paddle program
+and read by the `openvino` package, and CompiledCopies, the compilations it and model/cpu_vision.py run.
+The language model's layers are model/cpu_decoder.py.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import itertools
 import os
 import shutil
 import tempfile
@@ -43,17 +13,12 @@ import time
 import numpy as np
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
-from .cpu_attention import Group, attend, plan_groups, write_cache
-from .llama import KVCache, LlamaModel, cache_addresses, rotary_cos_sin
 from .tensors import from_numpy
-
-_BUILD_IDS = itertools.count()
 
 
 class EngineUnavailable(RuntimeError):
-    """This Paddle wheel cannot run the OpenVINO engine (no OpenVINO support compiled in)."""
+    """An OpenVINO program cannot be built here (the openvino package is not installed)."""
 
 
 def cpu_threads() -> int:
@@ -61,292 +26,15 @@ def cpu_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
-def find_llama(model) -> LlamaModel:
-    """The LlamaModel inside a JanusModel, a LlamaForCausalLM or itself."""
-    for path in ((), ("model",), ("language_model", "model")):
-        obj = model
-        for name in path:
-            obj = getattr(obj, name, None)
-        if isinstance(obj, LlamaModel):
-            return obj
-    raise TypeError(f"no LlamaModel found in {type(model).__name__}")
-
-
-def openvino_available() -> bool:
-    return hasattr(paddle.inference.Config, "enable_openvino_engine") and any(
-        name.startswith("libopenvino") for name in os.listdir(os.path.join(os.path.dirname(paddle.__file__), "libs")))
-
-
-def _rms_norm(x, weight, eps):
-    # `** -0.5` rather than rsqrt: rsqrt does not export in the program format OpenVINO reads.
-    return x * ((x * x).mean(axis=-1, keepdim=True) + eps) ** -0.5 * weight
-
-
-class _Part(nn.Layer):
-    """The weights between two attentions; shares the eager Parameters (no copy)."""
-
-    def __init__(self, llama: LlamaModel, before: int | None, after: int | None):
-        super().__init__()
-        c = llama.config
-        self.eps = float(c.rms_norm_eps)
-        self.hidden = c.hidden_size
-        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.before, self.after = before, after
-        if before is not None:  # finishes layer `before`: o_proj, residual, MLP block
-            layer = llama.layers[before]
-            self.o_w = layer.self_attn.o_proj.weight
-            self.post_w = layer.post_attention_layernorm.weight
-            self.gate_up_w = layer.mlp.gate_up_proj.weight
-            self.down_w = layer.mlp.down_proj.weight
-        if after is not None:  # starts layer `after`: input norm, qkv, rotary
-            layer = llama.layers[after]
-            self.in_w = layer.input_layernorm.weight
-            self.qkv_w = layer.self_attn.qkv_proj.weight
-        else:
-            self.final_w = llama.norm.weight
-
-    def _start(self, x, cos, sin):
-        qk_width = (self.heads + self.kv_heads) * self.head_dim
-        qkv = _rms_norm(x, self.in_w, self.eps) @ self.qkv_w
-        qk, v = paddle.split(qkv, [qk_width, self.kv_heads * self.head_dim], axis=-1)
-        qk = qk.reshape([-1, self.heads + self.kv_heads, self.head_dim])
-        half = self.head_dim // 2
-        rotated = paddle.concat([-qk[:, :, half:], qk[:, :, :half]], axis=-1)
-        return qk * cos + rotated * sin, v.reshape([-1, self.kv_heads, self.head_dim])
-
-    def _finish(self, attn, res):
-        h = res + attn @ self.o_w
-        gate, up = paddle.split(_rms_norm(h, self.post_w, self.eps) @ self.gate_up_w, 2, axis=-1)
-        return h + (F.silu(gate) * up) @ self.down_w
-
-    def input_spec(self, tag: str):
-        spec = paddle.static.InputSpec
-        hidden, d = self.hidden, self.head_dim
-        rot = [spec([None, 1, d], "float32", f"cos_{tag}"), spec([None, 1, d], "float32", f"sin_{tag}")]
-        if self.before is None:
-            return [spec([None, hidden], "float32", f"x_{tag}")] + rot
-        head = [spec([None, self.heads * d], "float32", f"attn_{tag}"), spec([None, hidden], "float32", f"res_{tag}")]
-        return head if self.after is None else head + rot
-
-
-class _First(_Part):
-    def forward(self, x, cos, sin):
-        return self._start(x, cos, sin)
-
-
-class _Mid(_Part):
-    def forward(self, attn, res, cos, sin):
-        h = self._finish(attn, res)
-        qk, v = self._start(h, cos, sin)
-        return h, qk, v
-
-
-class _Last(_Part):
-    def forward(self, attn, res):
-        return _rms_norm(self._finish(attn, res), self.final_w, self.eps)
-
-
-def _make_part(llama: LlamaModel, before: int | None, after: int | None) -> _Part:
-    kind = _First if before is None else _Last if after is None else _Mid
-    return kind(llama, before, after)
-
-
 def _export(part: nn.Layer, spec, path: str) -> str:
     """Save `part` as a static program at path(.pdmodel/.pdiparams); returns path.
 
-    The old program format, because both of its readers need it: Paddle Inference's OpenVINO
-    engine (a PIR export would silently run without OpenVINO) and the openvino package's
-    Paddle frontend (it cannot read PIR's .json).
+    The old program format: the openvino package's Paddle frontend cannot read PIR's .json.
     """
     with paddle.pir_utils.DygraphOldIrGuard():
         static = paddle.jit.to_static(part, input_spec=spec, full_graph=True)
         paddle.jit.save(static, path, input_spec=spec)
     return path
-
-
-class _Program:
-    """One exported part run by a Paddle Inference predictor with the OpenVINO engine."""
-
-    def __init__(self, part: _Part, folder: str, tag: str, threads: int, engine: str):
-        spec = part.input_spec(tag)
-        path = _export(part, spec, os.path.join(folder, "part"))
-        config = paddle.inference.Config(path + ".pdmodel", path + ".pdiparams")
-        config.set_cpu_math_library_num_threads(threads)
-        config.disable_glog_info()
-        if engine == "openvino":
-            config.enable_openvino_engine(paddle.inference.PrecisionType.Float32)
-            # Paddle would otherwise write the compiled blob to ./__cache__ (empty means that, not "off").
-            config.set_optim_cache_dir(os.path.join(folder, "ov_cache"))
-        elif engine == "onednn":
-            config.enable_onednn()
-        else:
-            config.disable_onednn()
-        self.predictor = paddle.inference.create_predictor(config)
-        # Proof that OpenVINO compiled the program (it writes its blob into the cache dir then).
-        blobs = os.path.join(folder, "ov_cache")
-        self.compiled_by_openvino = os.path.isdir(blobs) and any(f.endswith(".blob") for f in os.listdir(blobs))
-        if engine == "openvino" and not self.compiled_by_openvino:
-            raise EngineUnavailable("Paddle Inference did not hand the program to OpenVINO")
-        self.inputs = [self.predictor.get_input_handle(n) for n in self.predictor.get_input_names()]
-        self.outputs = [self.predictor.get_output_handle(n) for n in self.predictor.get_output_names()]
-        if len(self.inputs) != len(spec):
-            raise RuntimeError(f"exported program has {len(self.inputs)} inputs, expected {len(spec)}")
-
-    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        for handle, array in zip(self.inputs, arrays):
-            handle.copy_from_cpu(array)
-        self.predictor.run()
-        outs = [h.copy_to_cpu() for h in self.outputs]
-        rows = arrays[0].shape[0]
-        # The engine op logs its errors instead of raising; a stale or empty output shows in its shape.
-        if any(o.shape[0] != rows for o in outs):
-            raise RuntimeError(f"engine output rows {[o.shape for o in outs]} != input rows {rows}")
-        return outs
-
-
-@dataclasses.dataclass
-class _Plan:
-    cos: np.ndarray  # [N, 1, D]
-    sin: np.ndarray
-    write_block: np.ndarray  # [N]
-    write_slot: np.ndarray
-    write_offset: np.ndarray
-    groups: list[Group]
-    batch: int
-    length: int
-
-
-class CpuDecodeEngine:
-    """Runs `forward_hidden` of the eager LLaMA stack through OpenVINO, on the eager model's KV cache.
-
-    engine = CpuDecodeEngine(model)      # exports + compiles once: 40-60 s for Janus-1.3B on 2 cores
-    hidden = engine.forward_hidden(embeds, cache, slots, start)
-        exactly the contract of model.forward_hidden: embeds [B, T, H] (Paddle tensor or
-        numpy), slots/start [B] ints; returns the final-normed float32 hidden [B, T, H]
-        as a Paddle tensor and writes the new keys/values into `cache` in place, so eager
-        and engine calls can be mixed on one cache (e.g. eager prefill, engine decode).
-
-    `cache` is a float32 KVCache from this model's new_cache; the engine keeps zero-copy
-    numpy views of its tensors. `engine` may be "openvino" (default), "onednn" or "plain"
-    (Paddle Inference without OpenVINO, for comparison). Not thread-safe: one caller.
-    Paddle never frees OpenVINO engines, so build one per model and process.
-
-    Memory: OpenVINO keeps about 2.2x the exported weights (its parsed model and its
-    packed copy: ~10.8 GB for Janus-1.3B's 4.9 GB of layers). `release_eager_weights=True`
-    frees the eager layer weights (and final norm) once exported, saving 4.9 GB; the eager
-    stack (model.forward_hidden) then fails loudly, so every call, prefill included, must go
-    through this engine. Embeddings and heads stay eager either way.
-    """
-
-    def __init__(self, model, *, threads: int | None = None, engine: str = "openvino",
-                 workdir: str | None = None, release_eager_weights: bool = False):
-        self.llama = find_llama(model)
-        c = self.llama.config
-        if engine not in ("openvino", "onednn", "plain"):
-            raise ValueError(f"unknown engine {engine!r}")
-        if engine == "openvino" and not openvino_available():
-            raise EngineUnavailable("this paddlepaddle wheel has no OpenVINO engine")
-        if self.llama.norm.weight.dtype != paddle.float32:
-            raise ValueError("CpuDecodeEngine is float32 only; the model is " + str(self.llama.norm.weight.dtype))
-        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.hidden = c.hidden_size
-        self.scale = np.float32(1.0 / np.sqrt(self.head_dim))
-        self.inv_freq = self.llama.inv_freq
-        self.engine = engine
-        self.threads = threads or cpu_threads()
-        self.cache = None
-        layers = len(self.llama.layers)
-        tag = f"{os.getpid()}_{next(_BUILD_IDS)}"  # unique names: Paddle keys OpenVINO engines by var names
-        root = tempfile.mkdtemp(prefix="janus-cpu-engine-", dir=workdir)
-        started = time.perf_counter()
-        try:
-            bounds = [(None, 0)] + [(i, i + 1) for i in range(layers - 1)] + [(layers - 1, None)]
-            self.programs = []
-            for index, (before, after) in enumerate(bounds):
-                folder = os.path.join(root, str(index))
-                os.makedirs(folder)
-                part = _make_part(self.llama, before, after)
-                self.programs.append(_Program(part, folder, f"{tag}_{index}", self.threads, engine))
-                if release_eager_weights:
-                    for param in part.parameters():
-                        param._clear_data()  # the program holds its own copy now
-                # OpenVINO holds the weights in memory once compiled: the files are no longer needed.
-                shutil.rmtree(folder, ignore_errors=True)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-        self.build_seconds = time.perf_counter() - started
-
-    def _bind_cache(self, cache: KVCache) -> None:
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-        if cache.k[0].dtype != paddle.float32:
-            raise ValueError("CpuDecodeEngine needs a float32 KV cache")
-        if len(cache.k) != len(self.llama.layers):
-            raise ValueError(f"the cache has {len(cache.k)} layers, the model {len(self.llama.layers)}")
-        self.cache = cache
-        self._k_src, self._v_src = list(cache.k), list(cache.v)
-        # Zero-copy views: writes land in the Paddle tensors that eager forward_hidden reads.
-        self._k = [np.from_dlpack(t) for t in cache.k]
-        self._v = [np.from_dlpack(t) for t in cache.v]
-        for view in self._k + self._v:
-            if view.ndim != 5 or view.shape[2] != self.kv_heads or view.shape[4] != self.head_dim:
-                raise ValueError(f"cache layout {list(view.shape)} does not fit {self.kv_heads} kv heads x {self.head_dim}")
-            if not view.flags.writeable:
-                raise RuntimeError("the KV cache view is read-only")
-
-    def _use_cache(self, cache: KVCache) -> None:
-        # Views are made once per cache; a swapped tensor inside it would leave them stale.
-        if cache is not self.cache or any(
-                a is not b for a, b in zip(cache.k + cache.v, self._k_src + self._v_src)):
-            self._bind_cache(cache)
-
-    def plan(self, cache: KVCache, slots, start, batch: int, length: int) -> _Plan:
-        slots, _, positions = cache_addresses(cache, slots, start, batch, length)  # positions [B, T]
-        cos, sin = rotary_cos_sin(positions.reshape(-1), self.inv_freq)
-        groups = plan_groups(slots, positions, cache.block_size)
-        bs = cache.block_size
-        return _Plan(cos=np.ascontiguousarray(cos[:, None, :]), sin=np.ascontiguousarray(sin[:, None, :]), write_block=(positions // bs).reshape(-1),
-                     write_slot=np.repeat(slots, length), write_offset=(positions % bs).reshape(-1),
-                     groups=groups, batch=batch, length=length)
-
-    def _attend(self, layer: int, qk: np.ndarray, v: np.ndarray, plan: _Plan) -> np.ndarray:
-        """Write this step's keys/values into the cache, then attend over each row's prefix; [N, heads*D]."""
-        heads, kv_heads = self.heads, self.kv_heads
-        kc, vc = self._k[layer], self._v[layer]
-        write_cache(kc, vc, (plan.write_block, plan.write_slot, plan.write_offset), qk[:, heads:], v)
-        return attend(qk[:, :heads], kc, vc, plan.groups, kv_heads=kv_heads, length=plan.length, scale=self.scale)
-
-    def forward_hidden(self, embeds, cache: KVCache, slots, start) -> paddle.Tensor:
-        x = embeds.numpy() if isinstance(embeds, paddle.Tensor) else np.asarray(embeds)
-        if x.ndim != 3 or x.shape[-1] != self.hidden:
-            raise ValueError(f"embeds must be [batch, tokens, {self.hidden}], got shape {list(x.shape)}")
-        batch, length, _ = x.shape
-        self._use_cache(cache)
-        plan = self.plan(cache, slots, start, batch, length)
-        hidden = self.run(np.ascontiguousarray(x.reshape(batch * length, self.hidden), dtype=np.float32), plan)
-        return from_numpy(hidden.reshape(batch, length, self.hidden))
-
-    def step(self, embeds, cache: KVCache, slots, start) -> paddle.Tensor:
-        """One decode step: embeds [B, H] or [B, 1, H] -> final-normed hidden [B, H]."""
-        x = embeds.numpy() if isinstance(embeds, paddle.Tensor) else np.asarray(embeds)
-        x = x.reshape(x.shape[0], -1, self.hidden)
-        if x.shape[1] != 1:
-            raise ValueError(f"step takes one token per row, got {x.shape[1]}")
-        return self.forward_hidden(x, cache, slots, start)[:, 0]
-
-    def run(self, x: np.ndarray, plan: _Plan) -> np.ndarray:
-        """Rows x [B*T, H] float32 (batch-major) -> final-normed hidden [B*T, H], on the bound cache."""
-        qk, v = self.programs[0](x, plan.cos, plan.sin)
-        res = x
-        last = len(self.programs) - 2
-        for layer, program in enumerate(self.programs[1:]):
-            attn = self._attend(layer, qk, v, plan)
-            if layer < last:
-                res, qk, v = program(attn, res, plan.cos, plan.sin)
-            else:
-                (res,) = program(attn, res)
-        return res
-
 
 
 class _LayoutFreeGroupNorm(nn.Layer):

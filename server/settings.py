@@ -27,8 +27,12 @@ class Settings(BaseSettings):
         "auto", description="auto: bfloat16 on GPU, float32 on CPU."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads per worker (default: all cores / workers).")
-    cpu_engine: Literal["eager", "openvino"] = Field(
-        "eager", description="CPU decode path: eager Paddle, or Paddle Inference + OpenVINO (float32, about 2x faster).")
+    cpu_engine: Literal["auto", "eager", "openvino"] = Field(
+        "auto", description="CPU language-model layers: OpenVINO programs built from the weights (one copy of the "
+        "weights, in --cpu-precision), eager Paddle (the reference), or auto (OpenVINO when installed).")
+    cpu_precision: Literal["exact", "int8", "int4", "bf16"] = Field(
+        "exact", description="Precision of the CPU decoder's programs: exact (float32, the reference's outputs), or "
+        "the lossy, faster int8 and int4 (weights) and bf16 (compute; CPUs with AMX or AVX512-BF16 only).")
     cpu_vq: Literal["auto", "eager", "openvino"] = Field(
         "auto", description="CPU VQ image decoder: OpenVINO (about 4x faster, runs beside the decode loop), "
         "eager Paddle, or auto (OpenVINO when the openvino package is installed).")
@@ -98,6 +102,7 @@ class Settings(BaseSettings):
             offline=self.offline,
             threads=self.threads,
             cpu_engine=self.cpu_engine,
+            cpu_precision=self.cpu_precision,
             cpu_vq=self.cpu_vq,
             cpu_vision=self.cpu_vision,
         )

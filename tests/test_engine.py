@@ -366,21 +366,23 @@ def test_request_timeout(loop, tmp_path):
         loop.run(engine.stop())
 
 
-def test_openvino_cpu_engine_serves_what_eager_serves(loop, engine, tmp_path):
-    """The opt-in OpenVINO decode path gives the eager engine's greedy text and image tokens."""
+def test_openvino_decoder_serves_what_eager_serves(loop, engine, tmp_path):
+    """The default CPU decoder (OpenVINO programs, exact) gives the eager Paddle layers' greedy text and image
+    tokens."""
     requests = [understand_request(11, max_new_tokens=12), understand_request(12, max_new_tokens=12),
                 GenerateRequest(prompt="a green square", seed=3, temperature=0.0)]
 
     async def run_all(target):
         return await asyncio.gather(*(run_one(target, r) for r in requests))
 
-    eager = loop.run(run_all(engine))
-    fast = start_engine(loop, tmp_path, cpu_engine="openvino")
+    fast = loop.run(run_all(engine))
+    assert "decoder" in engine._workers[0].programs and engine._workers[0].prefill == "inline"  # one caller
+    eager = start_engine(loop, tmp_path, cpu_engine="eager")
     try:
-        assert fast._workers[0].prefill == "inline"  # the OpenVINO engine takes one caller
-        assert [outcome(r) for r in loop.run(run_all(fast))] == [outcome(r) for r in eager]
+        assert "decoder" not in eager._workers[0].programs and eager._workers[0].prefill == "thread"
+        assert [outcome(r) for r in loop.run(run_all(eager))] == [outcome(r) for r in fast]
     finally:
-        loop.run(fast.stop())
+        loop.run(eager.stop())
 
 
 def test_openvino_vq_decoder_matches_eager_vq_decode(loop, engine, tmp_path):

@@ -117,19 +117,27 @@ def test_eager_runtime_previews_and_failures(model, golden):
     assert outbox.of("g", "images_done") and runtime.free_rows == 8
 
 
-def cpu(model, cases, slots=8):
+def cpu(model, cases, slots=8, cpu_engine="eager"):
+    """The CPU runtime; with its default OpenVINO decoder it frees the eager layers of `model`."""
     from model.runtime.cpu import CpuRuntime
 
-    return opened(CpuRuntime, model, cases, slots, previews=False)
+    return opened(CpuRuntime, model, cases, slots, previews=False, cpu_engine=cpu_engine)
 
 
-def test_cpu_runtime_gives_the_reference_text_and_images_batched(model, golden):
-    """Prompts prefilled by the prefill thread, images through the OpenVINO image encoder and decoded by the
-    VQ thread: the golden tokens and pixels."""
+@pytest.mark.parametrize("engine", ["openvino", "eager"])
+def test_cpu_runtime_gives_the_reference_text_and_images_batched(model, golden, engine):
+    """By default the OpenVINO decoder, prompts prefilled in the loop; with eager layers, prompts prefilled by
+    the prefill thread. Both with the OpenVINO image encoder, images decoded by the VQ thread: the golden
+    tokens and pixels."""
     arrays, cases = golden
-    runtime = cpu(model, cases)
-    assert runtime.describe()["programs"] == ["image encoder", "VQ decoder"]
-    assert runtime.describe()["prefill"] == "thread"
+    if engine == "openvino":
+        runtime = cpu(load_model(GOLDEN), cases, cpu_engine="auto")  # its own model: the decoder frees its layers
+        assert runtime.describe()["programs"] == ["decoder", "image encoder", "VQ decoder"]
+        assert runtime.describe()["prefill"] == "inline" and runtime.describe()["precision"] == "exact"
+    else:
+        runtime = cpu(model, cases)
+        assert runtime.describe()["programs"] == ["image encoder", "VQ decoder"]
+        assert runtime.describe()["prefill"] == "thread" and runtime.describe()["precision"] == "float32"
     outbox = run_all(runtime, [understand_message(arrays, "u1", "conv1"), generate_message(arrays, "g", [0, 1]),
                                understand_message(arrays, "u2", "conv2")])
     for rid, case in (("u1", "conv1"), ("u2", "conv2")):

@@ -1,15 +1,19 @@
-"""The CPU runtime: eager Paddle for the language model, with OpenVINO programs for the image encoder
-and the VQ decoder, and the slow parts in background threads (the interface: model/runtime/__init__.py).
+"""The CPU runtime: OpenVINO programs for the language model's layers (model/cpu_decoder.py), the image
+encoder and the VQ decoder, with the slow parts in background threads (the interface:
+model/runtime/__init__.py). Embeddings, heads and sampling stay in eager Paddle and numpy.
 
-- Understanding prompts (SigLIP and a prefill of hundreds of tokens) are run by a prefill thread into
+- The decoder's programs are built from the loaded weights at start, in the chosen precision
+  (`cpu_precision`: exact float32 by default; int8, int4, bf16 on request), and the eager copy of
+  the layers' weights is freed once they are compiled. `cpu_engine="eager"` keeps the eager
+  Paddle layers instead (the reference; also what "auto" falls back to without OpenVINO).
+- With the OpenVINO decoder, prompts are prefilled in the loop: its programs take one caller.
+- With eager layers, understanding prompts (SigLIP and a prefill of hundreds of tokens) are run by a prefill thread into
   cache rows reserved for them, while the running rows keep stepping; each joins at the first
   `poll()` after its prefill (DecodeBatch.reserve_text / prefill_text / start_text). Paddle's kernels
   and the OpenVINO image encoder release the GIL, so the two run on different cores.
 - Finished image codes are VQ-decoded by a thread running the OpenVINO decoder (one call that
   releases the GIL), on one core while rows are stepping and on all when the batch is idle.
 - Steps take the cores the VQ thread leaves, half of them while a prefill runs (share_cores).
-- `--cpu-engine openvino` steps through Paddle Inference + OpenVINO instead (model/cpu_engine.py);
-  it takes one caller, so prompts are then prefilled in the loop.
 """
 from __future__ import annotations
 
@@ -91,17 +95,23 @@ def make_cpu_program(what: str, choice: str, build):
 class CpuRuntime(EagerRuntime):
     name = "cpu"
 
-    def __init__(self, model, *, eos_id: int, pad_id: int, cpu_engine: str = "eager", cpu_vq: str = "auto",
-                 cpu_vision: str = "auto", previews: bool = True):
-        limit_blas_threads()
-        self.forward_hidden = None
-        if cpu_engine == "openvino":
-            from ..cpu_engine import CpuDecodeEngine
+    def __init__(self, model, *, eos_id: int, pad_id: int, cpu_engine: str = "auto", cpu_precision: str = "exact",
+                 cpu_vq: str = "auto", cpu_vision: str = "auto", previews: bool = True, program_cache: str | None = None):
+        """`program_cache`: a folder for OpenVINO's compiled programs (a later start skips compiling)."""
+        from ..cpu_decoder import CpuDecoder, check_precision
 
-            self.forward_hidden = CpuDecodeEngine(model).forward_hidden
+        limit_blas_threads()
+        if cpu_engine == "eager" and cpu_precision != "exact":
+            raise ValueError(f"--cpu-precision {cpu_precision} needs the OpenVINO decoder, not --cpu-engine eager")
+        if cpu_engine != "eager":
+            check_precision(cpu_precision)  # before minutes of building: a clear refusal (bf16 without the CPU for it)
+        self.decoder = make_cpu_program("decoder", cpu_engine, lambda: CpuDecoder(
+            model, precision=cpu_precision, release_eager=True, cache_dir=program_cache))
+        if self.decoder is None and cpu_precision != "exact":
+            raise RuntimeError(f"--cpu-precision {cpu_precision} needs the openvino package")
         # The prefill thread writes its rows of the cache through numpy views (llama.numpy_attention);
-        # the OpenVINO decode engine takes one caller.
-        self.prefill_thread = self.forward_hidden is None and numpy_attention(model.language_model.lm_head.weight)
+        # the OpenVINO decoder takes one caller.
+        self.prefill_thread = self.decoder is None and numpy_attention(model.language_model.lm_head.weight)
         from ..cpu_engine import CpuVQDecoder
         from ..cpu_vision import CpuVisionEncoder
 
@@ -123,15 +133,18 @@ class CpuRuntime(EagerRuntime):
 
     def open_cache(self, slots: int, row_length: int) -> None:
         super().open_cache(slots, row_length)
-        self.batch.forward_hidden = self.forward_hidden or self.batch.forward_hidden
+        if self.decoder is not None:
+            self.batch.forward_hidden = self.decoder.forward_hidden
         if self.vision is not None:
             self.batch.encode_images = self.encode_images
 
     def describe(self) -> dict[str, Any]:
-        programs = [name for name, program in (("decode engine", self.forward_hidden), ("image encoder", self.vision),
+        programs = [name for name, program in (("decoder", self.decoder), ("image encoder", self.vision),
                                                ("VQ decoder", self.vq_decoder)) if program is not None]
-        return {**super().describe(), "programs": programs,
-                "prefill": "thread" if self.prefill_thread else "inline"}
+        described = {**super().describe(), "programs": programs, "prefill": "thread" if self.prefill_thread else "inline"}
+        if self.decoder is not None:
+            described["precision"] = self.decoder.precision
+        return described
 
     # ---- prefills in the background
 

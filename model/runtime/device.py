@@ -56,15 +56,16 @@ def cuda_free_bytes(index: int) -> int | None:
     return None
 
 
-def make_runtime(model, device: str, *, eos_id: int, pad_id: int, cpu_engine: str = "eager", cpu_vq: str = "auto",
-                 cpu_vision: str = "auto"):
+def make_runtime(model, device: str, *, eos_id: int, pad_id: int, cpu_engine: str = "auto",
+                 cpu_precision: str = "exact", cpu_vq: str = "auto", cpu_vision: str = "auto",
+                 program_cache: str | None = None):
     """The CPU runtime on CPU (model/runtime/cpu.py), eager Paddle elsewhere; its cache comes later
     (runtime.open_cache)."""
     if device == "cpu":
         from .cpu import CpuRuntime
 
-        return CpuRuntime(model, eos_id=eos_id, pad_id=pad_id, cpu_engine=cpu_engine, cpu_vq=cpu_vq,
-                          cpu_vision=cpu_vision)
+        return CpuRuntime(model, eos_id=eos_id, pad_id=pad_id, cpu_engine=cpu_engine, cpu_precision=cpu_precision,
+                          cpu_vq=cpu_vq, cpu_vision=cpu_vision, program_cache=program_cache)
     from .eager import EagerRuntime
 
     return EagerRuntime(model, eos_id=eos_id, pad_id=pad_id)

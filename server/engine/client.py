@@ -179,7 +179,7 @@ class EngineClient:
             max_batch_rows=self.config.max_batch_rows, max_cache_tokens=self.config.max_cache_tokens,
             max_new_tokens=self.config.max_new_tokens_limit, memory_fraction=self.config.memory_fraction,
             max_running_requests=self.config.max_running_requests, cpu_engine=self.config.cpu_engine,
-            cpu_vq=self.config.cpu_vq, cpu_vision=self.config.cpu_vision,
+            cpu_precision=self.config.cpu_precision, cpu_vq=self.config.cpu_vq, cpu_vision=self.config.cpu_vision,
             threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
 
     def _spawn(self, worker: WorkerHandle) -> None:

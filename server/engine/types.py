@@ -213,6 +213,7 @@ class EngineConfig:
     restart_delay: float = 1.0  # seconds before a worker that died while loading is started again; doubles each time
     offline: bool = False  # never download
     threads: int | None = None  # CPU threads per worker (OMP_NUM_THREADS); None: all cores / workers
-    cpu_engine: str = "eager"  # "openvino": decode steps on CPU through Paddle Inference + OpenVINO (float32)
+    cpu_engine: str = "auto"  # CPU decoder layers: "openvino" programs (model/cpu_decoder.py), "eager" Paddle, "auto"
+    cpu_precision: str = "exact"  # the OpenVINO decoder's: "exact" (float32), "int8", "int4", "bf16" (lossy, opt-in)
     cpu_vq: str = "auto"  # CPU VQ decoder: "openvino" (in a thread beside the decode loop), "eager", "auto"
     cpu_vision: str = "auto"  # CPU image encoder (SigLIP + aligner): "openvino", "eager", "auto"

@@ -32,7 +32,8 @@ class WorkerConfig:
     max_new_tokens: int = 2048  # the longest answer a request may ask for: every cache row must hold one
     memory_fraction: float = DEFAULT_MEMORY_FRACTION
     max_running_requests: int = 0
-    cpu_engine: str = "eager"
+    cpu_engine: str = "auto"
+    cpu_precision: str = "exact"
     cpu_vq: str = "auto"
     cpu_vision: str = "auto"
     threads: int | None = None
@@ -98,7 +99,8 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         model = support.load(config.model_path, config.dtype, device)
         weights_bytes = device_memory(device, support)[1]
         runtime = support.make_runtime(model, device, eos_id=config.eos_id, pad_id=config.pad_id,
-                                       cpu_engine=config.cpu_engine, cpu_vq=config.cpu_vq,
+                                       cpu_engine=config.cpu_engine, cpu_precision=config.cpu_precision,
+                                       cpu_vq=config.cpu_vq,
                                        cpu_vision=config.cpu_vision)
         # Everything but the cache is in memory now: what is left decides its size.
         plan = plan_worker_cache(config, model, *device_memory(device, support))

@@ -1,0 +1,397 @@
+"""The language model's decoder layers as OpenVINO programs built from the loaded weights (CPU).
+
+Why: on CPU a decode step reads every weight once, so its speed is set by how close the
+matrix products get to memory bandwidth. OpenVINO's CPU kernels stream float32 weights
+faster than Paddle's or numpy's at the few rows of a decode step, and read int8 and 4-bit
+weights directly (bench/cpu_bench.py measures all of them against the official code).
+
+How: the weight-heavy parts of the layers run as OpenVINO programs, one per gap between
+two attentions, built with OpenVINO's own operations on the eager model's parameters:
+
+    first:     x -> input norm -> qkv -> rotary                          (layer 0)
+    mid[i]:    attn, res -> o_proj + residual -> MLP block + residual     (layer i)
+                             -> input norm -> qkv -> rotary               (layer i+1)
+    last:      attn, res -> o_proj + residual -> MLP block -> final norm  (last layer)
+
+Attention runs between them in numpy, on zero-copy views of the eager KVCache (written
+in place, model/cpu_attention.py): a cache handed to a program would be copied at every
+call. The programs have one dynamic dimension, the rows (batch x tokens), so batch size
+and cached length change from step to step without a recompile, and a prompt's prefill
+runs through the same programs (its attention over itself chunked and causal).
+
+One copy of the weights: OpenVINO packs each program's weights into its own memory when
+it compiles (checked by tests/test_cpu_decoder.py, which poisons the eager memory after
+the build), so the eager copies of the layers' weights and the final norm are freed then
+(`release_eager=True`, what the worker does). model.forward_hidden then fails loudly;
+every call, prefill included, goes through this decoder. Embeddings and heads stay eager.
+
+Precision (`precision`):
+- "exact": float32 weights and compute; equal to eager within ~1e-5.
+- "int8": each weight matrix as int8 with one float32 scale per output channel
+  (symmetric), float32 compute. Lossy.
+- "int4": 4-bit weights (symmetric, signed) in groups of 128 inputs (int4_group), one float32 scale per
+  group, float32 compute (the OpenVINO Janus notebook compresses its language model so).
+  Lossy.
+- "bf16": float32 weights, bfloat16 compute where the CPU has it (AMX or AVX512-BF16);
+  refused elsewhere (`check_precision`). Lossy.
+
+    decoder = CpuDecoder(model, precision="exact")           # model: JanusModel / LlamaForCausalLM / LlamaModel
+    hidden = decoder.forward_hidden(embeds, cache, slots, start)   # = model.forward_hidden(...)
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import paddle
+
+from .cpu_attention import Group, attend, plan_groups, prompt_attention, write_cache
+from .llama import KVCache, LlamaModel, cache_addresses, rotary_cos_sin
+from .tensors import from_numpy
+
+PRECISIONS = ("exact", "int8", "int4", "bf16")
+INT4_GROUP = 128
+
+
+class PrecisionUnavailable(ValueError):
+    """A precision this CPU (or this install) cannot run."""
+
+
+def cpu_capabilities() -> list[str]:
+    import openvino
+
+    return list(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def check_precision(precision: str) -> None:
+    """Raise PrecisionUnavailable with the reason when `precision` cannot run here."""
+    if precision not in PRECISIONS:
+        raise PrecisionUnavailable(f"unknown CPU precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and "BF16" not in cpu_capabilities():  # (imports openvino: needed for any but eager)
+        raise PrecisionUnavailable(
+            "--cpu-precision bf16 needs a CPU with bfloat16 arithmetic (Intel AMX or AVX512-BF16); this one has "
+            f"{', '.join(cpu_capabilities())}. Use exact (float32), int8 or int4")
+
+
+def find_llama(model) -> LlamaModel:
+    """The LlamaModel inside a JanusModel, a LlamaForCausalLM or itself."""
+    for path in ((), ("model",), ("language_model", "model")):
+        obj = model
+        for name in path:
+            obj = getattr(obj, name, None)
+        if isinstance(obj, LlamaModel):
+            return obj
+    raise TypeError(f"no LlamaModel found in {type(model).__name__}")
+
+
+def _array(param) -> np.ndarray:
+    """A float32 numpy view of an eager parameter's memory (no copy)."""
+    array = np.from_dlpack(param.detach())
+    if array.dtype != np.float32 or not array.flags.c_contiguous:
+        raise ValueError(f"expected a contiguous float32 parameter, got {array.dtype}")
+    return array
+
+
+def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[in, out] float32 -> (int8 [out, in], float32 scales [out, 1]): symmetric, per output channel."""
+    scale = np.abs(weight).max(axis=0) / np.float32(127)
+    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    q = np.empty((weight.shape[1], weight.shape[0]), np.int8)
+    step = 1024  # in slices, so that no float32 copy of the whole matrix is made
+    for first in range(0, weight.shape[1], step):
+        cols = slice(first, first + step)
+        q[cols] = np.rint(weight[:, cols] / scale[cols]).T
+    return q, scale[:, None]
+
+
+def int4_group(width: int) -> int:
+    """Inputs per int4 scale: INT4_GROUP, or for narrower or odd widths the largest power of two that divides
+    them (Janus-1.3B's 2048 and 5632 both take 128; janus-tiny's smaller ones less)."""
+    group = INT4_GROUP
+    while width % group:
+        group //= 2
+    return group
+
+
+def quantize_int4(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[in, out] float32 -> (int8 values in [-8, 7], [out, in // group, group]; float32 scales
+    [out, in // group, 1]): symmetric, one scale per `group` (int4_group) consecutive inputs of an output."""
+    rows, cols = weight.shape
+    group = int4_group(rows)
+    q = np.empty((cols, rows // group, group), np.int8)
+    scales = np.empty((cols, rows // group, 1), np.float32)
+    step = 1024
+    for first in range(0, cols, step):
+        part = np.ascontiguousarray(weight[:, first:first + step].T).reshape(-1, rows // group, group)
+        scale = np.abs(part).max(axis=2, keepdims=True) / np.float32(7)
+        scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+        q[first:first + step] = np.clip(np.rint(part / scale), -8, 7)
+        scales[first:first + step] = scale
+    return q, scales
+
+
+def dequantized(weight: np.ndarray, precision: str) -> np.ndarray:
+    """The float32 [in, out] weight that `precision`'s program multiplies by (what its quantization keeps)."""
+    if precision == "int8":
+        q, scale = quantize_int8(weight)
+        return (q.astype(np.float32) * scale).T.copy()
+    if precision == "int4":
+        q, scale = quantize_int4(weight)
+        return (q.astype(np.float32) * scale).reshape(weight.shape[1], weight.shape[0]).T.copy()
+    return weight
+
+
+def _int4_constant(values: np.ndarray):
+    """An OpenVINO i4 constant holding `values` (int8 in [-8, 7]): two per byte, the first in the low nibble."""
+    import openvino
+
+    tensor = openvino.Tensor(openvino.Type.i4, openvino.Shape(list(values.shape)))
+    flat = values.reshape(-1).view(np.uint8)
+    tensor.data[:] = ((flat[0::2] & 15) | (flat[1::2] << 4)).reshape(tensor.data.shape)
+    return openvino.op.Constant(tensor)
+
+
+class _GraphBuilder:
+    """OpenVINO operations for the parts, with weights in the chosen precision."""
+
+    def __init__(self, llama: LlamaModel, precision: str):
+        c = llama.config
+        self.llama = llama
+        self.precision = precision
+        self.eps = float(c.rms_norm_eps)
+        self.hidden = c.hidden_size
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.keep: list[np.ndarray] = []  # memory the graph's constants point into, until it is compiled
+
+    def weight_product(self, x, param):
+        """x @ param (Paddle's Linear weight is [in, out])."""
+        import openvino
+        import openvino.opset13 as ops
+
+        w = _array(param)
+        if self.precision in ("exact", "bf16"):
+            self.keep.append(w)
+            return ops.matmul(x, openvino.op.Constant(w, shared_memory=True), False, False)
+        if self.precision == "int8":
+            q, scale = quantize_int8(w)
+            weight = ops.multiply(ops.convert(openvino.op.Constant(q), np.float32), ops.constant(scale))
+        else:
+            q, scale = quantize_int4(w)
+            weight = ops.multiply(ops.convert(_int4_constant(q), np.float32), ops.constant(scale))
+            weight = ops.reshape(weight, ops.constant(np.array([w.shape[1], w.shape[0]], np.int64)), False)
+        return ops.matmul(x, weight, False, True)
+
+    def rms_norm(self, x, param):
+        import openvino.opset13 as ops
+
+        mean = ops.reduce_mean(ops.multiply(x, x), ops.constant(np.array([-1], np.int64)), True)
+        normed = ops.divide(x, ops.sqrt(ops.add(mean, ops.constant(np.float32(self.eps)))))
+        return ops.multiply(normed, ops.constant(_array(param).copy()))
+
+    def start(self, x, layer: int, cos, sin):
+        """Input norm, qkv and rotary of `layer`: (qk [N, heads + kv_heads, D], v [N, kv_heads, D])."""
+        import openvino.opset13 as ops
+
+        block = self.llama.layers[layer]
+        d, heads, kv = self.head_dim, self.heads, self.kv_heads
+        qkv = self.weight_product(self.rms_norm(x, block.input_layernorm.weight), block.self_attn.qkv_proj.weight)
+        qk, v = ops.variadic_split(qkv, ops.constant(np.int64(-1)),
+                                   ops.constant(np.array([(heads + kv) * d, kv * d], np.int64))).outputs()
+        qk = ops.reshape(qk, ops.constant(np.array([-1, heads + kv, d], np.int64)), False)
+        first, second = ops.split(qk, ops.constant(np.int64(-1)), 2).outputs()
+        rotated = ops.concat([ops.negative(second), first], -1)
+        qk = ops.add(ops.multiply(qk, cos), ops.multiply(rotated, sin))
+        return qk, ops.reshape(v, ops.constant(np.array([-1, kv, d], np.int64)), False)
+
+    def finish(self, attn, res, layer: int):
+        """o_proj + residual, then the MLP block + residual, of `layer`."""
+        import openvino.opset13 as ops
+
+        block = self.llama.layers[layer]
+        h = ops.add(res, self.weight_product(attn, block.self_attn.o_proj.weight))
+        gate_up = self.weight_product(self.rms_norm(h, block.post_attention_layernorm.weight),
+                                      block.mlp.gate_up_proj.weight)
+        gate, up = ops.split(gate_up, ops.constant(np.int64(-1)), 2).outputs()
+        return ops.add(h, self.weight_product(ops.multiply(ops.swish(gate), up), block.mlp.down_proj.weight))
+
+    def part(self, before: int | None, after: int | None):
+        """The program between the attention of layer `before` and that of layer `after` (None: the ends)."""
+        import openvino
+        import openvino.opset13 as ops
+
+        d = self.head_dim
+        cos = ops.parameter([-1, 1, d], np.float32, name="cos")
+        sin = ops.parameter([-1, 1, d], np.float32, name="sin")
+        if before is None:
+            x = ops.parameter([-1, self.hidden], np.float32, name="x")
+            qk, v = self.start(x, after, cos, sin)
+            return openvino.Model([qk, v], [x, cos, sin], "janus_layer_start")
+        attn = ops.parameter([-1, self.heads * d], np.float32, name="attn")
+        res = ops.parameter([-1, self.hidden], np.float32, name="res")
+        h = self.finish(attn, res, before)
+        if after is None:
+            out = self.rms_norm(h, self.llama.norm.weight)
+            return openvino.Model([out], [attn, res], "janus_layer_last")
+        qk, v = self.start(h, after, cos, sin)
+        return openvino.Model([h, qk, v], [attn, res, cos, sin], f"janus_layer_{after}")
+
+
+@dataclasses.dataclass
+class _Plan:
+    cos: np.ndarray  # [N, 1, D]
+    sin: np.ndarray
+    write: tuple[np.ndarray, np.ndarray, np.ndarray]  # block, slot, offset [N]
+    groups: list[Group] | None  # None: a prompt from position 0 attends over itself
+    batch: int
+    length: int
+
+
+class CpuDecoder:
+    """`forward_hidden` of the LLaMA stack through OpenVINO programs, on the eager model's KV cache.
+
+    decoder = CpuDecoder(model, precision="exact")
+    hidden = decoder.forward_hidden(embeds, cache, slots, start)
+        the contract of model.forward_hidden: embeds [B, T, H] (Paddle tensor or numpy),
+        slots/start [B] ints; returns the final-normed float32 hidden [B, T, H] as a Paddle
+        tensor and writes the new keys/values into `cache` in place.
+
+    `threads`: OpenVINO's threads (default: every core the process is meant to use).
+    `release_eager`: free the eager layer weights once compiled (see the module's doc).
+    `cache_dir`: OpenVINO's compiled-program cache (a later start with the same weights skips
+    the compile). Not thread-safe: one caller at a time.
+    """
+
+    def __init__(self, model, *, precision: str = "exact", threads: int | None = None, release_eager: bool = False,
+                 cache_dir: str | None = None):
+        import openvino
+
+        from .cpu_engine import cpu_threads
+
+        check_precision(precision)
+        self.llama = llama = find_llama(model)
+        c = llama.config
+        if llama.norm.weight.dtype != paddle.float32:
+            raise ValueError("CpuDecoder builds from a float32 model; this one is " + str(llama.norm.weight.dtype))
+        self.precision = precision
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.hidden = c.hidden_size
+        self.scale = np.float32(1.0 / np.sqrt(self.head_dim))
+        self.inv_freq = llama.inv_freq
+        self.threads = threads or cpu_threads()
+        self.cache: KVCache | None = None
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                  "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
+                  "ENABLE_CPU_PINNING": False, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+        if cache_dir:
+            config["CACHE_DIR"] = cache_dir
+        core = openvino.Core()
+        started = time.perf_counter()
+        layers = len(llama.layers)
+        bounds = [(None, 0)] + [(i, i + 1) for i in range(layers - 1)] + [(layers - 1, None)]
+        self.requests = []
+        self.weight_bytes = 0
+        for before, after in bounds:
+            builder = _GraphBuilder(llama, precision)
+            compiled = core.compile_model(builder.part(before, after), "CPU", config)
+            self.requests.append(compiled.create_infer_request())
+            self.weight_bytes += sum(int(np.prod(p.shape)) * p.element_size() for p in self._params(before, after))
+        if release_eager:  # OpenVINO holds its own packed copies now; only once all are built, so that a
+            for before, after in bounds:  # failed build leaves the eager model whole
+                for param in self._params(before, after):
+                    param._clear_data()
+        self.released = release_eager
+        self.build_seconds = time.perf_counter() - started
+
+    def _params(self, before: int | None, after: int | None) -> list:
+        llama, params = self.llama, []
+        if before is not None:
+            block = llama.layers[before]
+            params += [block.self_attn.o_proj.weight, block.post_attention_layernorm.weight,
+                       block.mlp.gate_up_proj.weight, block.mlp.down_proj.weight]
+        if after is not None:
+            block = llama.layers[after]
+            params += [block.input_layernorm.weight, block.self_attn.qkv_proj.weight]
+        else:
+            params.append(llama.norm.weight)
+        return params
+
+    def describe(self) -> dict:
+        return {"decoder": "openvino", "precision": self.precision, "threads": self.threads,
+                "programs": len(self.requests)}
+
+    # ---- the cache
+
+    def _use_cache(self, cache: KVCache) -> None:
+        # Views are made once per cache; a swapped tensor inside it would leave them stale.
+        if cache is self.cache and all(a is b for a, b in zip(cache.k + cache.v, self._sources)):
+            return
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        if cache.k[0].dtype != paddle.float32:
+            raise ValueError("CpuDecoder needs a float32 KV cache")
+        if len(cache.k) != len(self.llama.layers):
+            raise ValueError(f"the cache has {len(cache.k)} layers, the model {len(self.llama.layers)}")
+        self._k = [np.from_dlpack(t) for t in cache.k]  # zero-copy: writes land in the Paddle tensors
+        self._v = [np.from_dlpack(t) for t in cache.v]
+        for view in self._k + self._v:
+            if view.ndim != 5 or view.shape[2] != self.kv_heads or view.shape[4] != self.head_dim:
+                raise ValueError(f"cache layout {list(view.shape)} does not fit {self.kv_heads} kv heads x {self.head_dim}")
+            if not view.flags.writeable:
+                raise RuntimeError("the KV cache view is read-only")
+        self.cache, self._sources = cache, list(cache.k + cache.v)
+
+    def plan(self, cache: KVCache, slots, start, batch: int, length: int) -> _Plan:
+        slots, start, positions = cache_addresses(cache, slots, start, batch, length)  # positions [B, T]
+        cos, sin = rotary_cos_sin(positions.reshape(-1), self.inv_freq)
+        bs = cache.block_size
+        fresh = length > 1 and not start.any()
+        return _Plan(cos=np.ascontiguousarray(cos[:, None, :]), sin=np.ascontiguousarray(sin[:, None, :]),
+                     write=((positions // bs).reshape(-1), np.repeat(slots, length), (positions % bs).reshape(-1)),
+                     groups=None if fresh else plan_groups(slots, positions, bs), batch=batch, length=length)
+
+    # ---- running
+
+    def forward_hidden(self, embeds, cache: KVCache, slots, start) -> paddle.Tensor:
+        x = embeds.numpy() if isinstance(embeds, paddle.Tensor) else np.asarray(embeds)
+        if x.ndim != 3 or x.shape[-1] != self.hidden:
+            raise ValueError(f"embeds must be [batch, tokens, {self.hidden}], got shape {list(x.shape)}")
+        batch, length, _ = x.shape
+        self._use_cache(cache)
+        plan = self.plan(cache, slots, start, batch, length)
+        hidden = self.run(np.ascontiguousarray(x.reshape(batch * length, self.hidden), dtype=np.float32), plan)
+        return from_numpy(hidden.reshape(batch, length, self.hidden))
+
+    def _attend(self, layer: int, qk: np.ndarray, v: np.ndarray, plan: _Plan) -> np.ndarray:
+        """Write this call's keys/values into the cache, then attend; [N, heads * D]."""
+        heads, kv_heads = self.heads, self.kv_heads
+        kc, vc = self._k[layer], self._v[layer]
+        write_cache(kc, vc, plan.write, qk[:, heads:], v)
+        if plan.groups is None:
+            shape = (plan.batch, plan.length)
+            out = prompt_attention(qk[:, :heads].reshape(*shape, heads, -1), qk[:, heads:].reshape(*shape, kv_heads, -1),
+                                   v.reshape(*shape, kv_heads, -1), scale=self.scale, causal=True)
+            return out.reshape(plan.batch * plan.length, -1)
+        return attend(qk[:, :heads], kc, vc, plan.groups, kv_heads=kv_heads, length=plan.length, scale=self.scale)
+
+    def run(self, x: np.ndarray, plan: _Plan) -> np.ndarray:
+        """Rows x [B*T, H] float32 (batch-major) -> final-normed hidden [B*T, H], on the bound cache."""
+        rows = x.shape[0]
+        qk, v = self._infer(0, (x, plan.cos, plan.sin), rows)
+        res = x
+        last = len(self.requests) - 1
+        for layer in range(last):
+            attn = self._attend(layer, qk, v, plan)
+            if layer + 1 < last:
+                res, qk, v = self._infer(layer + 1, (attn, res, plan.cos, plan.sin), rows)
+            else:
+                (res,) = self._infer(layer + 1, (attn, res), rows)
+        return res.copy()  # the last program's output buffer is reused by its next call
+
+    def _infer(self, index: int, inputs: tuple, rows: int) -> list[np.ndarray]:
+        request = self.requests[index]
+        request.infer(dict(enumerate(inputs)), share_inputs=True, share_outputs=True)
+        outs = [request.get_output_tensor(i).data for i in range(len(request.model_outputs))]
+        if any(o.shape[0] != rows for o in outs):
+            raise RuntimeError(f"program {index} gave {[list(o.shape) for o in outs]} for {rows} rows")
+        return outs
