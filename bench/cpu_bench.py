@@ -37,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # importing Paddle would pin it to 1
 ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT.parent / "shared" / "peer"
 
@@ -75,6 +76,8 @@ def parent(args) -> None:
                 "--rounds", str(args.rounds), "--prefill", str(args.prefill), "--agree", str(args.agree)]
         if args.layers:
             argv += ["--layers", str(args.layers)]
+        if args.vq_overlap and not results:
+            argv += ["--vq-overlap", str(args.vq_overlap)]
         print(f"# {mode} ...", file=sys.stderr, flush=True)
         results += run_child(argv, args.timeout)
     if args.peer:
@@ -120,6 +123,14 @@ def report(results: list[dict], as_json: bool) -> None:
                   f"{r['image_logits_mean_rel']:.1e}, text logits max {r['text_logits_max_rel']:.1e} mean "
                   f"{r['text_logits_mean_rel']:.1e}; greedy agreement image {r['image_agree']:.3f}, "
                   f"text {r['text_agree']:.3f} over {r['agree_steps']} steps")
+    for r in results:
+        if r.get("kind") == "vq_overlap":
+            print(f"VQ decode beside {r['rows']}-row steps ({r['step_ms_alone']} ms alone; one image "
+                  f"{r['vq_s_alone_all_cores']} s on all cores, {r['vq_s_alone_one_core']} s on one):")
+            for way in ("one_core", "all_cores"):
+                w = r[f"beside_{way}"]
+                print(f"    image on {way.replace('_', ' ')}: decoded in {w['vq_s']} s, {w['steps']} steps meanwhile "
+                      f"({w['step_ms']} ms each); {w['x_one_after_the_other']}x the wall time of one after the other")
     for r in results:
         if r.get("impl") == "peer" and "decode_ms_median" in r:
             if r["task"] == "generate":
@@ -189,7 +200,6 @@ def build_llama(layers: int | None):
 
 
 def child(args) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     sys.path.insert(0, str(ROOT))
     import numpy as np
     import paddle
@@ -300,6 +310,84 @@ def child(args) -> None:
         line["peak_rss_bytes"] = summary["peak_rss_bytes"]
         print(json.dumps(line), flush=True)
     print(json.dumps(summary), flush=True)
+    if args.vq_overlap:
+        print(json.dumps(vq_overlap(fast_forward, model, args.vq_overlap, cached_list[0], args.rounds)), flush=True)
+
+
+def vq_overlap(forward, model, rows: int, cached: int, rounds: int) -> dict:
+    """The CPU runtime's VQ thread beside decode steps (model/runtime/cpu.py): one image decoded on one
+    core while `rows` rows keep stepping, against the same on all cores, and against the two one after the
+    other (steps paused while the image decodes on all cores). For each way: seconds until the image is
+    decoded, steps done meanwhile, and that wall time over what the same work takes one after the other."""
+    import types
+
+    import numpy as np
+
+    from model.config import JanusConfig
+    from model.cpu_engine import CpuVQDecoder
+    from model.vq import VQModel
+    from timing import fill_random
+
+    vq = VQModel(JanusConfig.from_name("deepseek-ai/Janus-1.3B").gen_vision)
+    vq.eval()
+    fill_random(vq, lambda shape: (1.0, 1.0 if shape[0] > 1 else 0.0) if len(shape) == 1
+                else (1.0 / np.sqrt(np.prod(shape[1:])), 0.0))
+    decoder = CpuVQDecoder(types.SimpleNamespace(gen_vision_model=vq), single_thread_copy=True)
+    codes = np.random.default_rng(3).integers(0, vq.config.codebook_size, (1, 576))
+    cache = model_cache(model, rows, cached)
+    x = np.random.default_rng(4).standard_normal((rows, 1, model.config.hidden_size), np.float32)
+
+    def step():
+        forward(x, cache, list(range(rows)), [cached] * rows)
+
+    def timed(call):
+        call()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    step_s = timed(step)
+    alone = {single: timed(lambda single=single: decoder.decode(codes, single_thread=single)) for single in (True, False)}
+    result = {"kind": "vq_overlap", "rows": rows, "step_ms_alone": round(step_s * 1e3, 1),
+              "vq_s_alone_all_cores": round(alone[False], 2), "vq_s_alone_one_core": round(alone[True], 2)}
+    for single in (True, False):
+        finished = threading.Event()
+        vq_seconds = []
+
+        def decode(single=single):
+            t0 = time.perf_counter()
+            decoder.decode(codes, single_thread=single)
+            vq_seconds.append(time.perf_counter() - t0)
+            finished.set()
+
+        steps = 0
+        started = time.perf_counter()
+        thread = threading.Thread(target=decode)
+        thread.start()
+        while not finished.is_set():
+            step()
+            steps += 1
+        wall = time.perf_counter() - started
+        thread.join()
+        sequential = alone[False] + steps * step_s
+        name = "one_core" if single else "all_cores"
+        result[f"beside_{name}"] = {"vq_s": round(vq_seconds[0], 2), "steps": steps, "wall_s": round(wall, 2),
+                                    "step_ms": round((wall / steps) * 1e3, 1) if steps else None,
+                                    "x_one_after_the_other": round(wall / sequential, 3)}
+    return result
+
+
+def model_cache(model, rows: int, cached: int):
+    import numpy as np
+
+    cache = model.new_cache(rows, cached + 1, dtype="float32")
+    for t in cache.k + cache.v:
+        view = np.from_dlpack(t)
+        view[...] = np.random.default_rng(5).standard_normal(view.shape[1:], np.float32)[None] * 0.5
+    return cache
 
 
 def decoder_weight_bytes(decoder, mode: str) -> int:
@@ -337,6 +425,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prefill", type=int, default=620, help="tokens of the timed prompt")
     parser.add_argument("--agree", type=int, default=32, help="greedy steps compared with eager, image and text")
+    parser.add_argument("--vq-overlap", type=int, default=0, help="also time a VQ decode beside steps of this many "
+                        "rows (the CPU runtime's VQ thread), in the first mode")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick look at the bench")
     parser.add_argument("--peer", default=None, help="a Python with the official code's requirements (torch...)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds each process may take")

@@ -11,6 +11,8 @@ versions compared in one run) with no tuning flags and reports:
     one understanding request (one image, greedy): first-token time, ms per later token
     with --understand-concurrency 1,8: that many requests at once, tokens/s over all
     one image (/generate, n=1): seconds
+    with --images-together 4: that many image requests at once (n=1 each), images/s over all of them
+    and the ratio to one alone
 
 It checks free memory and disk first, and stops with a message if either is short. One full-size
 process at a time: nothing else big may run beside it.
@@ -220,11 +222,28 @@ def understand_together(url: str, tokens: int, concurrency: int) -> dict:
             "ms_per_token_median": sorted(r["ms_per_token"] for r in results)[concurrency // 2]}
 
 
-def generate(client) -> dict:
+def generate(client, seed: int = 7) -> dict:
     started = time.perf_counter()
-    response = client.post("/generate", json={"prompt": "a lighthouse on a cliff at dusk", "n": 1, "seed": 7})
+    response = client.post("/generate", json={"prompt": "a lighthouse on a cliff at dusk", "n": 1, "seed": seed})
     response.raise_for_status()
     return {"image_s": time.perf_counter() - started}
+
+
+def generate_together(url: str, count: int) -> dict:
+    """`count` image requests at once (n=1, each its own seed): images/s over all of them."""
+    import concurrent.futures
+
+    import httpx
+
+    def one(i):
+        with httpx.Client(base_url=url, timeout=3600) as client:
+            return generate(client, seed=100 + i)["image_s"]
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        seconds = list(pool.map(one, range(count)))
+    wall = time.perf_counter() - started
+    return {"images": count, "wall_s": wall, "images_per_s": count / wall, "slowest_s": max(seconds)}
 
 
 def main() -> None:
@@ -237,9 +256,12 @@ def main() -> None:
     parser.add_argument("--no-understand", action="store_true", help="skip the understanding requests")
     parser.add_argument("--understand-concurrency", default="", help="also these numbers of understanding requests "
                         "at once, e.g. 1,8: tokens/s over all of them")
+    parser.add_argument("--images-together", type=int, default=0, help="also this many image requests at once "
+                        "(e.g. 4): images/s against one alone")
     parser.add_argument("--repo", type=Path, default=REPO, help="serve this checkout's code (to compare two versions "
                         "in one run; the same interpreter)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--log", type=Path, default=None, help="write the server's log here")
     parser.add_argument("serve_args", nargs="*", help="after --: more flags for janus-server serve")
     args = parser.parse_args()
 
@@ -294,6 +316,8 @@ def main() -> None:
                                              for c in levels]
             if not args.no_image:
                 result.update(generate(client))
+            if args.images_together:
+                result["images_together"] = generate_together(f"http://127.0.0.1:{port}", args.images_together)
     except Exception as error:  # noqa: BLE001 - reported with what was measured so far
         result["error"] = f"{type(error).__name__}: {error}"
     finally:
@@ -304,6 +328,8 @@ def main() -> None:
             server.kill()
         sampler.stop.set()
         sampler.join()
+    if args.log:
+        args.log.write_text("".join(log_lines))
     result["peak_rss_tree_bytes"] = sampler.peak_sum
     result["peak_rss_each_bytes"] = sorted(sampler.peaks.values(), reverse=True)
     if "error" in result:
@@ -338,6 +364,10 @@ def report(r: dict) -> None:
               f"{level['ms_per_token_median']:.0f} ms per token")
     if "image_s" in r:
         print(f"one image: {r['image_s']:.1f} s ({r['image_s'] / 576 * 1e3:.0f} ms per image token, VQ decode included)")
+    if "images_together" in r:
+        t = r["images_together"]
+        alone = f"; {t['images_per_s'] * r['image_s']:.2f}x the images/s of one alone" if "image_s" in r else ""
+        print(f"{t['images']} images at once: {t['wall_s']:.1f} s, {t['images_per_s'] * 3600:.1f} images/hour{alone}")
     print(f"peak resident memory: {r['peak_rss_tree_bytes'] / 1e9:.1f} GB for the process tree; each process "
           f"{', '.join(f'{b / 1e9:.2f}' for b in r['peak_rss_each_bytes'])} GB")
     if "error" in r:

@@ -52,6 +52,10 @@ from .tensors import from_numpy
 
 PRECISIONS = ("exact", "int8", "int4", "bf16")
 INT4_GROUP = 128
+# Rows (batch x tokens) one call of the programs takes at most: a longer prompt goes in chunks. Each program
+# keeps buffers for the most rows it has seen; Janus-1.3B's 25 programs kept ~3 GB after one 620-token prompt
+# (bench/fullsize_serve.py: peak 23.2 GB against 20.1 GB at /ready).
+MAX_CALL_ROWS = 128
 
 
 class PrecisionUnavailable(ValueError):
@@ -291,17 +295,32 @@ class CpuDecoder:
         bounds = [(None, 0)] + [(i, i + 1) for i in range(layers - 1)] + [(layers - 1, None)]
         self.requests = []
         self.weight_bytes = 0
+        shared: list[np.ndarray] = []  # eager memory the programs' constants were made from (exact, bf16)
         for before, after in bounds:
             builder = _GraphBuilder(llama, precision)
             compiled = core.compile_model(builder.part(before, after), "CPU", config)
             self.requests.append(compiled.create_infer_request())
+            shared += builder.keep
             self.weight_bytes += sum(int(np.prod(p.shape)) * p.element_size() for p in self._params(before, after))
-        if release_eager:  # OpenVINO holds its own packed copies now; only once all are built, so that a
-            for before, after in bounds:  # failed build leaves the eager model whole
-                for param in self._params(before, after):
-                    param._clear_data()
+        self.released_bytes = 0
+        if release_eager:  # only once all are built, so that a failed build leaves the eager model whole
+            self.released_bytes = self._release([p for b in bounds for p in self._params(*b)], shared)
         self.released = release_eager
         self.build_seconds = time.perf_counter() - started
+
+    def _release(self, params: list, shared: list[np.ndarray]) -> int:
+        """Free the eager weights the programs were built from (model/cpu_memory.py); the bytes given back.
+        Raises if a program's outputs change: it read the memory given back."""
+        from .cpu_memory import drop_pages, same_outputs, snapshot, trim_heap
+
+        before = snapshot(self.requests)
+        dropped = drop_pages(shared)  # held by the programs' constants: cannot be freed, only given back
+        for param in params:
+            param._clear_data()
+        trim_heap()
+        if not same_outputs(self.requests, before, (1, 5)):
+            raise RuntimeError("an OpenVINO decoder program read the eager weights after they were released")
+        return dropped
 
     def _params(self, before: int | None, after: int | None) -> list:
         llama, params = self.llama, []
@@ -358,9 +377,15 @@ class CpuDecoder:
             raise ValueError(f"embeds must be [batch, tokens, {self.hidden}], got shape {list(x.shape)}")
         batch, length, _ = x.shape
         self._use_cache(cache)
-        plan = self.plan(cache, slots, start, batch, length)
-        hidden = self.run(np.ascontiguousarray(x.reshape(batch * length, self.hidden), dtype=np.float32), plan)
-        return from_numpy(hidden.reshape(batch, length, self.hidden))
+        start = np.asarray(start.numpy() if isinstance(start, paddle.Tensor) else start, np.int64).reshape(-1)
+        step = max(1, MAX_CALL_ROWS // batch)  # tokens per call: a prompt's later chunks attend to the earlier ones
+        parts = []
+        for first in range(0, length, step):
+            chunk = x[:, first:first + step]
+            plan = self.plan(cache, slots, start + first, batch, chunk.shape[1])
+            rows = np.ascontiguousarray(chunk.reshape(-1, self.hidden), dtype=np.float32)
+            parts.append(self.run(rows, plan).reshape(batch, chunk.shape[1], self.hidden))
+        return from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))
 
     def _attend(self, layer: int, qk: np.ndarray, v: np.ndarray, plan: _Plan) -> np.ndarray:
         """Write this call's keys/values into the cache, then attend; [N, heads * D]."""

@@ -49,7 +49,10 @@ class CpuVisionEncoder:
     cores, as CpuVQDecoder does. encode() is not re-entrant: one caller at a time.
     """
 
-    def __init__(self, model, *, threads: int | None = None, single_thread_copy: bool = False):
+    def __init__(self, model, *, threads: int | None = None, single_thread_copy: bool = False,
+                 release_eager: bool = False):
+        """`release_eager`: free the eager encoder's and aligner's weights once compiled (OpenVINO holds its own
+        copy; model.encode_images then fails: the caller runs this encoder instead)."""
         if not openvino_runtime_available():
             raise EngineUnavailable("the openvino package is not installed")
         vision, aligner = model.vision_model, model.aligner
@@ -59,9 +62,16 @@ class CpuVisionEncoder:
         self.config = vision.config
         self.threads = threads or cpu_threads()
         self._shared: list[np.ndarray] = []  # the eager memory the graph's constants point into
-        graph = self._graph(vision, aligner, self._shared)
+        graph = self._graph(vision, aligner, None if release_eager else self._shared)
         self.program = CompiledCopies(graph, self.threads, single_thread_copy)
         self.hidden = int(graph.output(0).get_partial_shape()[2].get_length())
+        del graph
+        if release_eager:  # the program's constants are copies: the eager weights can go
+            from .cpu_memory import trim_heap
+
+            for param in [*vision.parameters(), *aligner.parameters()]:
+                param._clear_data()
+            trim_heap()
         self.build_seconds = time.perf_counter() - started
 
     @staticmethod
@@ -75,11 +85,12 @@ class CpuVisionEncoder:
         tokens = (size // patch) ** 2
 
         def const(value):
-            # Parameters are shared with the eager model, not copied; OpenVINO repacks what it needs at compile.
-            if isinstance(value, np.ndarray) and value.size > 1:
+            # Shared with the eager model (`shared` is a list), not copied: OpenVINO reads these where they are.
+            # Copied when the eager weights are to be freed (`shared` None).
+            if isinstance(value, np.ndarray) and value.size > 1 and shared is not None:
                 shared.append(value)
                 return openvino.op.Constant(value, shared_memory=True)
-            return ops.constant(np.asarray(value, np.float32))
+            return ops.constant(np.array(value, np.float32))
 
         def shape(*dims):
             return ops.constant(np.array(dims, np.int64))

@@ -188,6 +188,8 @@ def test_release_eager_weights(model):
     clone.set_state_dict(model.state_dict())
     clone.eval()
     engine = CpuDecoder(clone, threads=2, release_eager=True)
+    assert engine.released_bytes > 0 and not any(p._is_initialized() for p in clone.parameters() if p.ndim == 2
+                                                 and p is not clone.embed_tokens.weight)
     eager_cache, engine_cache = prefilled_caches(model, {1: 12}, seed=10)
     embeds = np.random.default_rng(11).standard_normal((1, 3, model.config.hidden_size)).astype(np.float32)
     want = eager(model, embeds, eager_cache, [1], [12])
@@ -303,21 +305,22 @@ def test_cpu_blas_thread_counts_for_large_and_small_products(monkeypatch):
 
 
 def test_programs_hold_their_own_weights(model):
-    """What lets the worker free the eager weights: once built, the programs never read the eager memory
-    again, at any row count (OpenVINO packs each weight into its own memory when it compiles)."""
+    """What lets the worker give the eager weights back (model/cpu_memory.py): once compiled, before any call,
+    the programs never read the eager memory their constants were made from, at any row count (OpenVINO
+    packs each weight into its own memory when it compiles)."""
     clone = LlamaModel(model.config)
     clone.set_state_dict(model.state_dict())
     clone.eval()
     decoder = CpuDecoder(clone, threads=2)
-    embeds = np.random.default_rng(12).standard_normal((2, 5, model.config.hidden_size)).astype(np.float32)
-    before = decoder.forward_hidden(embeds, clone.new_cache(2, 16), [0, 1], [0, 0]).numpy()
     for param in clone.parameters():
         np.from_dlpack(param.detach())[...] = np.nan  # in place: the programs' constants were views of this
-    after = decoder.forward_hidden(embeds, clone.new_cache(2, 16), [0, 1], [0, 0]).numpy()
-    assert np.isnan(eager(clone, embeds[:, :1], clone.new_cache(2, 16), [0, 1], [0, 0])).all()
-    np.testing.assert_array_equal(after, before)
-    step = decoder.forward_hidden(embeds[:1, :1], clone.new_cache(3, 16), [2], [0]).numpy()  # a new row count
-    assert np.isfinite(step).all()
+    assert np.isnan(eager(clone, np.ones((1, 1, model.config.hidden_size), np.float32), clone.new_cache(1, 4), [0], [0])).all()
+    rng = np.random.default_rng(12)
+    for rows, tokens in ((2, 5), (1, 1), (3, 1), (1, 40), (6, 2)):
+        embeds = rng.standard_normal((rows, tokens, model.config.hidden_size)).astype(np.float32)
+        want = eager(model, embeds, model.new_cache(rows, 48, block_size=BLOCK), list(range(rows)), [0] * rows)
+        got = decoder.forward_hidden(embeds, clone.new_cache(rows, 48, block_size=BLOCK), list(range(rows)), [0] * rows)
+        assert relative_error(got.numpy(), want) < TOLERANCE, (rows, tokens)
 
 
 # How far the lossy programs fall from float32 on this model (3 layers of random weights; measured: int8
@@ -375,3 +378,20 @@ def test_bf16_runs_only_where_the_cpu_has_it(model):
             CpuDecoder(model, threads=2, precision="bf16")
     with pytest.raises(PrecisionUnavailable, match="choose one of exact, int8, int4, bf16"):
         check_precision("fp8")
+
+
+@pytest.mark.parametrize("starts", [(0, 0), (11, 3)])
+def test_long_prompts_go_through_in_chunks(model, engine, monkeypatch, starts):
+    """A call of more rows than MAX_CALL_ROWS runs in chunks of tokens (bounding the programs' buffers), each
+    later chunk attending to the earlier ones: the same hidden states and cache as one call."""
+    import model.cpu_decoder as cpu_decoder
+
+    monkeypatch.setattr(cpu_decoder, "MAX_CALL_ROWS", 8)
+    lengths = {2: starts[0], 3: starts[1]}
+    eager_cache, engine_cache = prefilled_caches(model, {s: n for s, n in lengths.items() if n}, seed=16)
+    embeds = np.random.default_rng(17).standard_normal((2, 30, model.config.hidden_size)).astype(np.float32)
+    want = eager(model, embeds, eager_cache, [2, 3], list(starts))
+    got = engine.forward_hidden(embeds, engine_cache, [2, 3], list(starts)).numpy()
+    assert relative_error(got, want) < TOLERANCE
+    for a, b in zip(eager_cache.k + eager_cache.v, engine_cache.k + engine_cache.v):
+        assert relative_error(b.numpy(), a.numpy()) < TOLERANCE

@@ -77,3 +77,15 @@ def test_understanding_through_the_encoder_matches_the_reference(model, encoder,
             break
         events = batch.step()
     assert tokens == arrays[p + "generated_ids"][0].tolist()
+
+
+def test_encoder_with_its_own_weights_lets_the_eager_ones_go(golden):
+    """release_eager (the CPU runtime's, when prompts are prefilled in the loop): the program is built from copies
+    and the eager encoder's weights are freed."""
+    arrays, _ = golden
+    fresh = load_model(GOLDEN)
+    encoder = CpuVisionEncoder(fresh, threads=2, release_eager=True)
+    assert not any(p._is_initialized() for p in [*fresh.vision_model.parameters(), *fresh.aligner.parameters()])
+    pixels = arrays["preprocess.pixel_values"]
+    np.testing.assert_allclose(encoder.encode(pixels), arrays["siglip.aligner_output"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(encoder.encode(pixels[:1]), arrays["siglip.aligner_output"][:1], rtol=0, atol=1e-4)

@@ -115,8 +115,11 @@ class CpuRuntime(EagerRuntime):
         from ..cpu_engine import CpuVQDecoder
         from ..cpu_vision import CpuVisionEncoder
 
-        self.vision = make_cpu_program("image encoder", cpu_vision,
-                                       lambda: CpuVisionEncoder(model, single_thread_copy=True))
+        # Beside the prefill thread the image encoder runs on one core while rows step (a second compiled copy);
+        # with the decoder, prompts are prefilled in the loop, on every core, and one copy does.
+        inline = self.decoder is not None
+        self.vision = make_cpu_program("image encoder", cpu_vision, lambda: CpuVisionEncoder(
+            model, single_thread_copy=not inline, release_eager=inline))
         self.vq_decoder = make_cpu_program("VQ decoder", cpu_vq, lambda: CpuVQDecoder(model, single_thread_copy=True))
         self.cores = cpu_threads()
         self.vq_cores = 0  # cores the VQ thread decodes on now (set by the thread)

@@ -1,0 +1,75 @@
+"""Giving the eager copy of weights back to the OS once OpenVINO holds its own (CPU).
+
+OpenVINO's CPU plugin packs every weight of a program into its own memory when it compiles, and
+never reads the original again; but it keeps the original constant alive for the program's
+lifetime: with a constant sharing the eager model's memory, that memory can then never be freed
+(measured: 0.74 GB of float32 weights take 1.55 GB once compiled, shared or copied). So the pages
+of such memory are dropped instead (madvise MADV_DONTNEED): the allocation stays, its physical
+memory goes back to the OS, and reading it would give zeros. Each user checks that its programs'
+outputs are unchanged after the drop (`same_outputs`), so a program that did read its original
+weights again would fail at start, loudly.
+
+The worker makes glibc keep freed memory in its heap (loader.keep_freed_memory); `trim_heap` gives
+back the free pages there (the freed eager tensors), so that the KV cache, sized from the memory
+the OS reports free, can have them.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+
+import numpy as np
+
+MADV_DONTNEED = 4
+
+
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def drop_pages(arrays: list[np.ndarray]) -> int:
+    """Give back the whole pages inside each array's memory (never to be read again); the bytes given."""
+    libc = _libc()
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page, dropped = mmap.PAGESIZE, 0
+    for array in arrays:
+        start = array.ctypes.data
+        first, last = -(-start // page) * page, (start + array.nbytes) // page * page
+        if last > first:
+            if libc.madvise(first, last - first, MADV_DONTNEED) != 0:
+                raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
+            dropped += last - first
+    return dropped
+
+
+def trim_heap() -> bool:
+    """glibc's malloc_trim(0): free pages in its heaps go back to the OS. False where unavailable."""
+    try:
+        return bool(_libc().malloc_trim(0))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+def probe_inputs(request, rows: int, seed: int = 0) -> dict[int, np.ndarray]:
+    """Random float32 inputs for an OpenVINO infer request, its dynamic dimensions set to `rows`."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for index, port in enumerate(request.model_inputs):
+        shape = [rows if dim.is_dynamic else dim.get_length() for dim in port.get_partial_shape()]
+        inputs[index] = rng.standard_normal(shape).astype(np.float32)
+    return inputs
+
+
+def outputs(request, inputs: dict) -> list[np.ndarray]:
+    return [np.array(out, copy=True) for out in request.infer(inputs).values()]
+
+
+def same_outputs(requests: list, before: list, rows: tuple[int, ...]) -> bool:
+    """Whether each request gives now what it gave before (`before`: snapshot(requests, rows))."""
+    return all(np.array_equal(a, b) for a, b in zip(snapshot(requests, rows), before))
+
+
+def snapshot(requests: list, rows: tuple[int, ...] = (1, 5)) -> list[np.ndarray]:
+    """Every output of every request on probe inputs of each row count: what same_outputs compares."""
+    return [out for request in requests for n in rows for out in outputs(request, probe_inputs(request, n))]
