@@ -52,9 +52,9 @@ from .tensors import from_numpy
 
 PRECISIONS = ("exact", "int8", "int4", "bf16")
 INT4_GROUP = 128
-# Rows (batch x tokens) one call of the programs takes at most: a longer prompt goes in chunks. Each program
-# keeps buffers for the most rows it has seen; Janus-1.3B's 25 programs kept ~3 GB after one 620-token prompt
-# (bench/fullsize_serve.py: peak 23.2 GB against 20.1 GB at /ready).
+# Rows (batch x tokens) one call of a program takes at most: more go in several calls, while attention still sees
+# the whole prompt at once. Each program keeps buffers for the most rows it has seen; Janus-1.3B's 25 programs
+# kept ~3 GB after one 620-token prompt (bench/fullsize_serve.py: peak 23.2 GB against 20.1 GB at /ready).
 MAX_CALL_ROWS = 128
 
 
@@ -377,15 +377,9 @@ class CpuDecoder:
             raise ValueError(f"embeds must be [batch, tokens, {self.hidden}], got shape {list(x.shape)}")
         batch, length, _ = x.shape
         self._use_cache(cache)
-        start = np.asarray(start.numpy() if isinstance(start, paddle.Tensor) else start, np.int64).reshape(-1)
-        step = max(1, MAX_CALL_ROWS // batch)  # tokens per call: a prompt's later chunks attend to the earlier ones
-        parts = []
-        for first in range(0, length, step):
-            chunk = x[:, first:first + step]
-            plan = self.plan(cache, slots, start + first, batch, chunk.shape[1])
-            rows = np.ascontiguousarray(chunk.reshape(-1, self.hidden), dtype=np.float32)
-            parts.append(self.run(rows, plan).reshape(batch, chunk.shape[1], self.hidden))
-        return from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))
+        plan = self.plan(cache, slots, start, batch, length)
+        hidden = self.run(np.ascontiguousarray(x.reshape(batch * length, self.hidden), dtype=np.float32), plan)
+        return from_numpy(hidden.reshape(batch, length, self.hidden))
 
     def _attend(self, layer: int, qk: np.ndarray, v: np.ndarray, plan: _Plan) -> np.ndarray:
         """Write this call's keys/values into the cache, then attend; [N, heads * D]."""
@@ -414,9 +408,19 @@ class CpuDecoder:
         return res.copy()  # the last program's output buffer is reused by its next call
 
     def _infer(self, index: int, inputs: tuple, rows: int) -> list[np.ndarray]:
+        """Program `index` on `inputs` (each [rows, ...]): its outputs, views of its buffers up to MAX_CALL_ROWS
+        rows, else copies made in calls of MAX_CALL_ROWS rows (every program works row by row)."""
         request = self.requests[index]
+        count = len(request.model_outputs)
+        if rows > MAX_CALL_ROWS:
+            pieces = []
+            for first in range(0, rows, MAX_CALL_ROWS):
+                part = {i: array[first:first + MAX_CALL_ROWS] for i, array in enumerate(inputs)}
+                request.infer(part, share_inputs=True, share_outputs=True)
+                pieces.append([request.get_output_tensor(i).data.copy() for i in range(count)])
+            return [np.concatenate([piece[i] for piece in pieces]) for i in range(count)]
         request.infer(dict(enumerate(inputs)), share_inputs=True, share_outputs=True)
-        outs = [request.get_output_tensor(i).data for i in range(len(request.model_outputs))]
+        outs = [request.get_output_tensor(i).data for i in range(count)]
         if any(o.shape[0] != rows for o in outs):
             raise RuntimeError(f"program {index} gave {[list(o.shape) for o in outs]} for {rows} rows")
         return outs

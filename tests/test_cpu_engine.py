@@ -382,8 +382,8 @@ def test_bf16_runs_only_where_the_cpu_has_it(model):
 
 @pytest.mark.parametrize("starts", [(0, 0), (11, 3)])
 def test_long_prompts_go_through_in_chunks(model, engine, monkeypatch, starts):
-    """A call of more rows than MAX_CALL_ROWS runs in chunks of tokens (bounding the programs' buffers), each
-    later chunk attending to the earlier ones: the same hidden states and cache as one call."""
+    """More rows than MAX_CALL_ROWS go through each program in several calls (bounding the programs' buffers):
+    the same hidden states and cache as one call."""
     import model.cpu_decoder as cpu_decoder
 
     monkeypatch.setattr(cpu_decoder, "MAX_CALL_ROWS", 8)
