@@ -189,8 +189,7 @@ def test_cpu_prefill_thread_joins_rows_and_fails_or_drops_them_alone(model, gold
 
 
 def test_cpu_vq_thread_fails_one_request_alone_and_skips_cancelled_ones(model, golden):
-    """A decode error fails its future only; one cancelled before its turn is never decoded; while the thread
-    decodes, steps keep off its cores."""
+    """A decode error fails its future only; one cancelled before its turn is never decoded."""
     import threading
 
     arrays, cases = golden
@@ -212,18 +211,10 @@ def test_cpu_vq_thread_fails_one_request_alone_and_skips_cancelled_ones(model, g
     decoder = runtime.vq_decoder = Decoder()
     futures = [runtime.decode_images(np.full((1, 576), first, np.int64)) for first in (0, 1, 2)]
     assert futures[2].cancel()
-    deadline = time.monotonic() + 10
-    while not runtime.vq_cores and time.monotonic() < deadline:  # the thread is inside decode(), at the gate
-        time.sleep(0.01)
-    assert runtime.vq_cores == decoder.threads  # no rows running: all its threads
-    runtime.share_cores()
-    assert runtime.step_threads == max(1, runtime.cores - decoder.threads)
     decoder.gate.set()
     images, seconds = futures[0].result(timeout=10)
     assert images[0].shape == (4, 4, 3) and images.dtype == np.uint8 and seconds > 0
     with pytest.raises(ValueError, match="bad codes"):
         futures[1].result(timeout=10)
     time.sleep(0.2)
-    assert decoder.seen == [0, 1] and runtime.vq_cores == 0
-    runtime.share_cores()
-    assert runtime.step_threads == runtime.cores
+    assert decoder.seen == [0, 1]

@@ -135,9 +135,8 @@ class CpuRuntime(EagerRuntime):
         inline = self.decoder is not None
         self.vision = make_cpu_program("image encoder", cpu_vision, lambda: CpuVisionEncoder(
             model, single_thread_copy=not inline, release_eager=inline))
-        self.vq_decoder = make_cpu_program("VQ decoder", cpu_vq, lambda: CpuVQDecoder(model, single_thread_copy=True))
+        self.vq_decoder = make_cpu_program("VQ decoder", cpu_vq, lambda: CpuVQDecoder(model))
         self.cores = cpu_threads()
-        self.vq_cores = 0  # cores the VQ thread decodes on now (set by the thread)
         self.step_threads = self.cores
         self.prefills: dict[str, Prefill] = {}  # in the thread or done, not yet joined
         self.prefill_jobs: queue.Queue = queue.Queue()
@@ -233,22 +232,20 @@ class CpuRuntime(EagerRuntime):
         return super().step()
 
     def free_cores(self, shared: bool) -> int:
-        """The cores the VQ thread is not decoding on, halved when `shared` by the loop and a prefill."""
-        free = max(1, self.cores - self.vq_cores)
-        return max(1, free // 2) if shared else free
+        """The cores, halved when `shared` by the loop and a prefill."""
+        return max(1, self.cores // 2) if shared else self.cores
 
     def share_cores(self) -> None:
-        """Paddle's threads: the cores the VQ thread is not using, halved while the prefill thread runs.
+        """Paddle's threads (eager layers only: the prefill thread runs there): half the cores while the
+        prefill thread runs, all otherwise.
 
         Both at once on the same cores stall each other: Paddle's OpenMP ops wait at their
-        barriers for a thread that is off the core. Measured with janus-tiny on the 2-core dev
-        box, 8 concurrent image requests: steps beside a one-thread VQ decode took 15-24 ms with
-        2 Paddle threads and 6-7 ms with 1. Paddle's thread count is one setting for the whole
-        process, so the loop and the prefill thread share it: half the free cores each.
+        barriers for a thread that is off the core, and Paddle's thread count is one setting for the
+        whole process, so the loop and the prefill thread share it: half the cores each.
         At Janus-1.3B's sizes (bench/fullsize_serve.py --understand-concurrency 8, 2 cores, one
         session): 8 understanding requests at once made 1.68 tokens/s with this sharing and 1.38
         without it, and their median time per token after the first was 517 against 2244 ms (the
-        steps beside each prefill). The VQ half is measured with janus-tiny only.
+        steps beside each prefill).
         """
         want = self.free_cores(shared=bool(self.prefills))
         if want != self.step_threads:
@@ -275,20 +272,14 @@ class CpuRuntime(EagerRuntime):
             codes, future = self.vq_jobs.get()
             if not future.set_running_or_notify_cancel():  # cancelled while it waited
                 continue
-            # One core while the loop has rows to step, all when it is idle. Measured with janus-tiny,
-            # 8 concurrent image requests on 2 cores, and no faster: taking all cores when images
-            # pile up; two of these threads, each on its own one-thread request, unpinned as
-            # CompiledCopies runs them (1.46-1.48 against 1.59-1.66 images/s); and those two at
-            # nice 10 or 19 (1.32-1.49), probably because a descheduled thread can hold the GIL
-            # that the loop waits for.
-            single = bool(self.batch.sequences)
-            self.vq_cores = 1 if single else self.vq_decoder.threads
+            # On every core, beside the steps. Measured at Janus-1.3B's sizes (bench/cpu_bench.py
+            # --vq-overlap 8, 2-core AVX2 EPYC, OpenVINO decoder): one image decoded beside 8-row steps
+            # took 0.874x the wall time of the two one after the other on all cores, 0.924x when it kept
+            # to one core (a second, one-thread compiled copy, which this runtime used to keep).
             started = time.perf_counter()
             try:
-                images = to_uint8_images(self.vq_decoder.decode(codes, single_thread=single))
+                images = to_uint8_images(self.vq_decoder.decode(codes))
             except Exception as error:  # noqa: BLE001 - this request fails alone
                 future.set_exception(error)
             else:
                 future.set_result((images, time.perf_counter() - started))
-            finally:
-                self.vq_cores = 0
