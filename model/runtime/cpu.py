@@ -12,8 +12,9 @@ model/runtime/__init__.py). Embeddings, heads and sampling stay in eager Paddle 
   `poll()` after its prefill (DecodeBatch.reserve_text / prefill_text / start_text). Paddle's kernels
   and the OpenVINO image encoder release the GIL, so the two run on different cores.
 - Finished image codes are VQ-decoded by a thread running the OpenVINO decoder (one call that
-  releases the GIL), on one core while rows are stepping and on all when the batch is idle.
-- Steps take the cores the VQ thread leaves, half of them while a prefill runs (share_cores).
+  releases the GIL), on every core, beside the steps.
+- With eager layers, steps take half the cores while a prefill runs (share_cores); with the
+  OpenVINO decoder, numpy's BLAS keeps to one thread (one_blas_thread).
 """
 from __future__ import annotations
 
@@ -80,7 +81,11 @@ def limit_blas_threads() -> None:
     threads then fights them for the same cores. Measured on the 2-core dev box, janus-tiny
     understanding prefill (SigLIP + 620-token prompt): 46-170 ms with both pools, 27-32 ms so.
     The large products (llama.linear: Janus-1.3B's projections and heads) take the cores the
-    loop may use, which share_cores keeps up to date.
+    loop may use, which share_cores keeps up to date. Eager layers only (`--cpu-engine eager`);
+    with the OpenVINO decoder, one_blas_thread. At Janus-1.3B's widths (6 layers, eager, 2-core
+    AVX2 EPYC) the loop alone runs as fast either way (620-token prefill 5.0-5.6 s against
+    5.2-5.4 s, 8-row step 195-220 against 186-213 ms); share_cores' full-size measurement of the
+    prefill thread beside the loop was made with it.
     """
     from .. import cpu_blas
 
