@@ -274,7 +274,7 @@ def child(args) -> None:
     for c in cached_list:
         got, want = fast_forward(two, small, [0, 1], [c, c]), reference[c]
         hidden_errors[c] = float(np.abs(got - want).max() / np.abs(want).max())
-    del small
+    small = None  # 2 rows: freed before the full cache is made
     read_gbs = read_bandwidth()
     weight_bytes = decoder_weight_bytes(decoder, mode)
     floor_ms = weight_bytes / (read_gbs * 1e9) * 1e3
@@ -326,7 +326,7 @@ def vq_overlap(forward, model, rows: int, cached: int, rounds: int) -> dict:
     from model.config import JanusConfig
     from model.cpu_engine import CpuVQDecoder
     from model.vq import VQModel
-    from timing import fill_random
+    from timing import fill_random, median_seconds
 
     vq = VQModel(JanusConfig.from_name("deepseek-ai/Janus-1.3B").gen_vision)
     vq.eval()
@@ -340,17 +340,9 @@ def vq_overlap(forward, model, rows: int, cached: int, rounds: int) -> dict:
     def step():
         forward(x, cache, list(range(rows)), [cached] * rows)
 
-    def timed(call):
-        call()
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
-
-    step_s = timed(step)
-    alone = {single: timed(lambda single=single: decoder.decode(codes, single_thread=single)) for single in (True, False)}
+    step_s = median_seconds(step, rounds)
+    alone = {single: median_seconds(lambda single=single: decoder.decode(codes, single_thread=single), rounds)
+             for single in (True, False)}
     result = {"kind": "vq_overlap", "rows": rows, "step_ms_alone": round(step_s * 1e3, 1),
               "vq_s_alone_all_cores": round(alone[False], 2), "vq_s_alone_one_core": round(alone[True], 2)}
     for single in (True, False):
