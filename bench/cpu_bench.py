@@ -218,17 +218,9 @@ def child(args) -> None:
     embed_table = (rng.standard_normal((16384, hidden), np.float32)).astype(np.float32)
     most_rows, longest = max(rows_list), max(cached_list)
 
-    def random_cache(rows: int, length: int):
-        target = model.new_cache(rows, length, dtype="float32")
-        fill = np.random.default_rng(2)
-        for t in target.k + target.v:  # random keys/values in every position a step reads
-            view = np.from_dlpack(t)
-            view[...] = fill.standard_normal(view.shape[1:], np.float32)[None] * 0.5
-        return target
-
     # A small cache (2 rows) for the comparisons with eager, a full one for the timings, made after the
     # decoder has freed the eager layers (Janus-1.3B: 32 rows of 600 positions are 7.6 GB).
-    small = random_cache(2, longest + args.agree + 2)
+    small = random_cache(model, 2, longest + args.agree + 2)
     embeds = {b: rng.standard_normal((b, 1, hidden), np.float32) for b in rows_list}
     two = rng.standard_normal((2, 1, hidden), np.float32)
     prompt = rng.standard_normal((1, args.prefill, hidden), np.float32)
@@ -276,9 +268,9 @@ def child(args) -> None:
         hidden_errors[c] = float(np.abs(got - want).max() / np.abs(want).max())
     small = None  # 2 rows: freed before the full cache is made
     read_gbs = read_bandwidth()
-    weight_bytes = decoder_weight_bytes(decoder, mode)
+    weight_bytes = decoder.weight_bytes
     floor_ms = weight_bytes / (read_gbs * 1e9) * 1e3
-    cache = random_cache(most_rows, longest + 1)
+    cache = random_cache(model, most_rows, longest + 1)
     lines = []
     for b in rows_list:
         for c in cached_list:
@@ -334,7 +326,7 @@ def vq_overlap(forward, model, rows: int, cached: int, rounds: int) -> dict:
                 else (1.0 / np.sqrt(np.prod(shape[1:])), 0.0))
     decoder = CpuVQDecoder(types.SimpleNamespace(gen_vision_model=vq), single_thread_copy=True)
     codes = np.random.default_rng(3).integers(0, vq.config.codebook_size, (1, 576))
-    cache = model_cache(model, rows, cached)
+    cache = random_cache(model, rows, cached + 1, seed=5)
     x = np.random.default_rng(4).standard_normal((rows, 1, model.config.hidden_size), np.float32)
 
     def step():
@@ -372,33 +364,16 @@ def vq_overlap(forward, model, rows: int, cached: int, rounds: int) -> dict:
     return result
 
 
-def model_cache(model, rows: int, cached: int):
+def random_cache(model, rows: int, length: int, seed: int = 2):
+    """A float32 KV cache of `rows` x `length` with random keys and values in every position a step reads."""
     import numpy as np
 
-    cache = model.new_cache(rows, cached + 1, dtype="float32")
+    cache = model.new_cache(rows, length, dtype="float32")
+    fill = np.random.default_rng(seed)
     for t in cache.k + cache.v:
         view = np.from_dlpack(t)
-        view[...] = np.random.default_rng(5).standard_normal(view.shape[1:], np.float32)[None] * 0.5
+        view[...] = fill.standard_normal(view.shape[1:], np.float32)[None] * 0.5
     return cache
-
-
-def decoder_weight_bytes(decoder, mode: str) -> int:
-    """Bytes a step reads in `mode`: float32 weights (exact; bf16 computes from them), int8 plus scales,
-    int4 (half a byte) plus a scale per group."""
-    from model.cpu_decoder import int4_group
-
-    total = 0
-    for before, after in [(None, 0)] + [(i, i + 1) for i in range(len(decoder.llama.layers) - 1)] + \
-            [(len(decoder.llama.layers) - 1, None)]:
-        for param in decoder._params(before, after):
-            shape = [int(s) for s in param.shape]
-            if len(shape) == 1 or mode in ("exact", "bf16"):
-                total += 4 * shape[0] * (shape[1] if len(shape) > 1 else 1)
-            elif mode == "int8":
-                total += shape[0] * shape[1] + 4 * shape[1]
-            else:
-                total += shape[0] * shape[1] // 2 + 4 * shape[1] * (shape[0] // int4_group(shape[0]))
-    return total
 
 
 def cpu_name() -> str:

@@ -6,8 +6,9 @@ lifetime: with a constant sharing the eager model's memory, that memory can then
 (measured: 0.74 GB of float32 weights take 1.55 GB once compiled, shared or copied). So the pages
 of such memory are dropped instead (madvise MADV_DONTNEED): the allocation stays, its physical
 memory goes back to the OS, and reading it would give zeros. Each user checks that its programs'
-outputs are unchanged after the drop (`same_outputs`), so a program that did read its original
-weights again would fail at start, loudly.
+outputs are unchanged after the drop (`snapshot`, `same_outputs`), so a program that did read its
+original weights again would fail at start, loudly. (model/cpu_decoder.py does so; the image encoder
+reads its constants in place, so it is built from copies instead.)
 
 The worker makes glibc keep freed memory in its heap (loader.keep_freed_memory); `trim_heap` gives
 back the free pages there (the freed eager tensors), so that the KV cache, sized from the memory
@@ -22,6 +23,7 @@ import mmap
 import numpy as np
 
 MADV_DONTNEED = 4
+PROBE_ROWS = (1, 5)  # the row counts snapshot() runs every program at
 
 
 def _libc():
@@ -65,11 +67,11 @@ def outputs(request, inputs: dict) -> list[np.ndarray]:
     return [np.array(out, copy=True) for out in request.infer(inputs).values()]
 
 
-def same_outputs(requests: list, before: list, rows: tuple[int, ...]) -> bool:
-    """Whether each request gives now what it gave before (`before`: snapshot(requests, rows))."""
-    return all(np.array_equal(a, b) for a, b in zip(snapshot(requests, rows), before))
+def same_outputs(requests: list, before: list) -> bool:
+    """Whether each request gives now what it gave before (`before`: snapshot(requests))."""
+    return all(np.array_equal(a, b) for a, b in zip(snapshot(requests), before))
 
 
-def snapshot(requests: list, rows: tuple[int, ...] = (1, 5)) -> list[np.ndarray]:
-    """Every output of every request on probe inputs of each row count: what same_outputs compares."""
-    return [out for request in requests for n in rows for out in outputs(request, probe_inputs(request, n))]
+def snapshot(requests: list) -> list[np.ndarray]:
+    """Every output of every request on probe inputs of each of PROBE_ROWS rows: what same_outputs compares."""
+    return [out for request in requests for n in PROBE_ROWS for out in outputs(request, probe_inputs(request, n))]

@@ -29,15 +29,7 @@ import numpy as np
 import paddle
 
 from .cpu_engine import CompiledCopies, EngineUnavailable, cpu_threads, openvino_runtime_available
-from .tensors import from_numpy
-
-
-def _array(param) -> np.ndarray:
-    """A float32 numpy view of an eager parameter's memory (no copy)."""
-    array = np.from_dlpack(param.detach())
-    if array.dtype != np.float32 or not array.flags.c_contiguous:
-        raise ValueError(f"expected a contiguous float32 parameter, got {array.dtype}")
-    return array
+from .tensors import float32_view, from_numpy
 
 
 class CpuVisionEncoder:
@@ -96,23 +88,23 @@ class CpuVisionEncoder:
             return ops.constant(np.array(dims, np.int64))
 
         def linear(x, layer):  # Paddle's Linear weight is [in, out]
-            y = ops.matmul(x, const(_array(layer.weight)), False, False)
-            return ops.add(y, const(_array(layer.bias))) if layer.bias is not None else y
+            y = ops.matmul(x, const(float32_view(layer.weight)), False, False)
+            return ops.add(y, const(float32_view(layer.bias))) if layer.bias is not None else y
 
         def layer_norm(x, norm):
             axis = ops.constant(np.array([-1], np.int64))
             normed = ops.mvn(x, axis, True, float(norm._epsilon), "inside_sqrt")
-            return ops.add(ops.multiply(normed, const(_array(norm.weight))), const(_array(norm.bias)))
+            return ops.add(ops.multiply(normed, const(float32_view(norm.weight))), const(float32_view(norm.bias)))
 
         def gelu(x):
             return ops.gelu(x, "erf")
 
         pixels = ops.parameter([-1, 3, size, size], np.float32, name="pixels")
         conv = vision.patch_embed.proj
-        x = ops.convolution(pixels, const(_array(conv.weight)), [patch, patch], [0, 0], [0, 0], [1, 1])
-        x = ops.add(x, const(_array(conv.bias).reshape(1, width, 1, 1)))
+        x = ops.convolution(pixels, const(float32_view(conv.weight)), [patch, patch], [0, 0], [0, 0], [1, 1])
+        x = ops.add(x, const(float32_view(conv.bias).reshape(1, width, 1, 1)))
         x = ops.transpose(ops.reshape(x, shape(0, width, tokens), True), shape(0, 2, 1))  # [N, tokens, width]
-        x = ops.add(x, const(_array(vision.pos_embed)))
+        x = ops.add(x, const(float32_view(vision.pos_embed)))
         scale = const(np.float32(head_dim ** -0.5))
         for block in vision.blocks:
             h = linear(layer_norm(x, block.norm1), block.attn.qkv)  # [N, T, 3 * width]

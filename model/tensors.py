@@ -12,6 +12,14 @@ import numpy as np
 import paddle
 
 
+def float32_view(param) -> np.ndarray:
+    """A float32 numpy view of an eager parameter's memory (no copy): what OpenVINO programs are built from."""
+    array = np.from_dlpack(param.detach())
+    if array.dtype != np.float32 or not array.flags.c_contiguous:
+        raise ValueError(f"expected a contiguous float32 parameter, got {array.dtype}")
+    return array
+
+
 def from_numpy(array) -> paddle.Tensor:
     """A Paddle tensor on the current device holding a copy of `array` (same dtype and shape)."""
     array = np.asarray(array)

@@ -30,8 +30,27 @@ if TYPE_CHECKING:
 API_KEY = "test-key"
 MODEL_ID = "janus-tiny"
 GENERATE_PROMPT = "a red square on a white table"
-GOLDEN_IMAGES = Path(__file__).parent / "golden" / "janus-tiny" / "images"
+GOLDEN = Path(__file__).parent / "golden" / "janus-tiny"
+GOLDEN_IMAGES = GOLDEN / "images"
 ENGINE_READY_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def golden():
+    """The official implementation's outputs for janus-tiny: (cases.npz, cases.json)."""
+    import json
+
+    import numpy as np
+
+    return np.load(GOLDEN / "cases.npz"), json.loads((GOLDEN / "cases.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def model():
+    """janus-tiny, loaded once per test module (a module may define its own `model` instead)."""
+    from model.loader import load_model
+
+    return load_model(GOLDEN)
 
 
 def png_bytes(width: int = 32, height: int = 24, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:

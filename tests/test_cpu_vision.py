@@ -16,11 +16,6 @@ GOLDEN = Path(__file__).parent / "golden" / "janus-tiny"
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model(GOLDEN)
-
-
-@pytest.fixture(scope="module")
 def encoder(model):
     return CpuVisionEncoder(model, threads=2, single_thread_copy=True)
 

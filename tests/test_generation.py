@@ -1,26 +1,10 @@
 """The two generation algorithms against the official implementation's outputs (golden set)."""
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from model.generation import (
     DecodeBatch, SamplingParams, cfg_prompt_rows, generate_images, generate_text, image_rngs, penalize, sample_token,
 )
-from model.loader import load_model
-
-GOLDEN = Path(__file__).parent / "golden" / "janus-tiny"
-
-
-@pytest.fixture(scope="module")
-def golden():
-    return np.load(GOLDEN / "cases.npz"), json.loads((GOLDEN / "cases.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(GOLDEN)
 
 
 def understanding_inputs(arrays, case):

@@ -8,15 +8,9 @@ import paddle
 import pytest
 
 from model.janus import to_uint8_images
-from model.loader import load_model
 
 GOLDEN = Path(__file__).parent / "golden" / "janus-tiny"
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(GOLDEN)
 
 
 @pytest.fixture(scope="module")

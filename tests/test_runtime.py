@@ -1,6 +1,5 @@
 """The runtimes (model/runtime/) under the scheduler, against the official implementation's outputs."""
 import concurrent.futures
-import json
 import queue
 import time
 from pathlib import Path
@@ -13,16 +12,6 @@ from model.runtime.eager import EagerRuntime
 from server.engine.scheduler import Scheduler
 
 GOLDEN = Path(__file__).parent / "golden" / "janus-tiny"
-
-
-@pytest.fixture(scope="module")
-def golden():
-    return np.load(GOLDEN / "cases.npz"), json.loads((GOLDEN / "cases.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(GOLDEN)
 
 
 class Outbox:
