@@ -283,17 +283,18 @@ def test_eager_numpy_attention_matches_paddle_attention(model, slots, starts, to
 
 def test_cpu_blas_thread_counts_for_large_and_small_products(monkeypatch):
     """model/cpu_blas.py: the small count outside gemm(), the gemm count inside it, and nothing changed in a
-    process that never configured it."""
+    process that never configured it (the counts are process-wide: a CPU runtime built by an earlier test
+    may have set them, so this test starts from an unconfigured state and puts everything back)."""
     from model import cpu_blas
 
     libs = cpu_blas._controllers()
     assert libs, "numpy's BLAS not found"
     original = libs[0].num_threads
+    monkeypatch.setattr(cpu_blas, "_gemm_threads", None)
+    monkeypatch.setattr(cpu_blas, "_small_threads", None)
     assert not cpu_blas.configured()
     with cpu_blas.gemm():
         assert libs[0].num_threads == original
-    monkeypatch.setattr(cpu_blas, "_gemm_threads", None)
-    monkeypatch.setattr(cpu_blas, "_small_threads", None)
     try:
         cpu_blas.configure(gemm_threads=2, small_threads=1)
         assert cpu_blas.configured() and libs[0].num_threads == 1
