@@ -28,12 +28,13 @@ every call, prefill included, goes through this decoder. Embeddings and heads st
 Precision (`precision`):
 - "exact": float32 weights and compute; equal to eager within ~1e-5.
 - "int8": each weight matrix as int8 with one float32 scale per output channel
-  (symmetric), float32 compute. Lossy.
+  (symmetric); activations quantized to int8 per group of ACTIVATION_GROUP inputs as they enter
+  each product. Lossy.
 - "int4": 4-bit weights (symmetric, signed) in groups of 128 inputs (int4_group), one float32 scale per
-  group, float32 compute (the OpenVINO Janus notebook compresses its language model so).
+  group (the OpenVINO Janus notebook compresses its language model so); activations as int8's.
   Lossy.
-- "bf16": float32 weights, bfloat16 compute where the CPU has it (AMX or AVX512-BF16);
-  refused elsewhere (`check_precision`). Lossy.
+- "bf16": bfloat16 weights (OpenVINO packs the float32 ones so when it compiles) and compute, where the
+  CPU has it (AMX or AVX512-BF16); refused elsewhere (`check_precision`). Lossy.
 
     decoder = CpuDecoder(model, precision="exact")           # model: JanusModel / LlamaForCausalLM / LlamaModel
     hidden = decoder.forward_hidden(embeds, cache, slots, start)   # = model.forward_hidden(...)
@@ -51,6 +52,13 @@ from .tensors import float32_view, from_numpy
 
 PRECISIONS = ("exact", "int8", "int4", "bf16")
 INT4_GROUP = 128
+# int8 and int4: the activations entering each weight product are quantized to int8 at run time, one scale per
+# ACTIVATION_GROUP inputs (OpenVINO's dynamic quantization, as it runs weight-compressed LLMs by default), so the
+# products run in integer arithmetic. Janus-1.3B's sizes, 2-core AVX-512 EPYC, against float32 activations: int8
+# 2 rows 70 -> 62 ms, 32 rows 525 -> 239 ms, 620-token prefill 11.3 -> 6.2 s, logits' max relative error vs eager
+# 5.3e-2 -> 6.4e-2; int4 63 -> 38 ms, 479 -> 256 ms, 10.2 -> 6.5 s, error 0.64 -> 0.65 (weights dominate).
+# Groups of 128 were faster for int8 (56 ms) at a larger error (8.1e-2).
+ACTIVATION_GROUP = 32
 # Rows (batch x tokens) one call of a program takes at most: more go in several calls, while attention still sees
 # the whole prompt at once. Each program keeps buffers for the most rows it has seen; Janus-1.3B's 25 programs
 # kept ~3 GB after one 620-token prompt (bench/fullsize_serve.py: peak 23.2 GB against 20.1 GB at /ready).
@@ -171,7 +179,10 @@ class _GraphBuilder:
         w = float32_view(param)
         if self.precision in ("exact", "bf16"):
             self.keep.append(w)
-            self.weight_bytes += w.nbytes
+            # bf16: OpenVINO packs float32 constants as bfloat16 when it compiles for bf16 (a 16-product chain of
+            # 2048 x 5632 weights at 2 rows: 26 ms for float32 constants compiled for f32, 17 ms compiled for bf16,
+            # below float32's read floor of 24 ms; bfloat16 constants made here ran no faster and held more memory)
+            self.weight_bytes += w.nbytes // 2 if self.precision == "bf16" else w.nbytes
             return ops.matmul(x, openvino.op.Constant(w, shared_memory=True), False, False)
         if self.precision == "int8":
             q, scale = quantize_int8(w)
@@ -263,11 +274,12 @@ class CpuDecoder:
     `threads`: OpenVINO's threads (default: every core the process is meant to use).
     `release_eager`: free the eager layer weights once compiled (see the module's doc).
     `cache_dir`: OpenVINO's compiled-program cache (a later start with the same weights skips
-    the compile). Not thread-safe: one caller at a time.
+    the compile). `quantize_activations` (int8, int4): False keeps the activations float32 (the tests
+    check the weights' path alone so). Not thread-safe: one caller at a time.
     """
 
     def __init__(self, model, *, precision: str = "exact", threads: int | None = None, release_eager: bool = False,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, quantize_activations: bool = True):
         import openvino
 
         from .cpu_engine import cpu_threads
@@ -278,6 +290,7 @@ class CpuDecoder:
         if llama.norm.weight.dtype != paddle.float32:
             raise ValueError("CpuDecoder builds from a float32 model; this one is " + str(llama.norm.weight.dtype))
         self.precision = precision
+        self.quantized_activations = quantize_activations and precision in ("int8", "int4")
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.hidden = c.hidden_size
         self.scale = np.float32(1.0 / np.sqrt(self.head_dim))
@@ -286,7 +299,8 @@ class CpuDecoder:
         self.cache: KVCache | None = None
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
                   "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
-                  "ENABLE_CPU_PINNING": False, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+                  "ENABLE_CPU_PINNING": False,
+                  "DYNAMIC_QUANTIZATION_GROUP_SIZE": ACTIVATION_GROUP if self.quantized_activations else 0}
         if cache_dir:
             config["CACHE_DIR"] = cache_dir
         core = openvino.Core()
@@ -333,8 +347,8 @@ class CpuDecoder:
         return params
 
     def describe(self) -> dict:
-        return {"decoder": "openvino", "precision": self.precision, "threads": self.threads,
-                "programs": len(self.requests)}
+        return {"decoder": "openvino", "precision": self.precision, "quantized_activations": self.quantized_activations,
+                "threads": self.threads, "programs": len(self.requests)}
 
     # ---- the cache
 

@@ -32,7 +32,8 @@ async def ready(request: Request) -> JSONResponse:
             503, message, code="model_load_failed" if failure else "not_ready",
             headers=retry_after_headers(NOT_READY_RETRY_AFTER),
         )
-    return JSONResponse({"status": "ready", "model": engine.model_id, "kv_cache": engine.caches})
+    return JSONResponse({"status": "ready", "model": engine.model_id, "kv_cache": engine.caches,
+                         "workers": engine.runtimes})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -43,6 +43,12 @@ def test_health_and_ready_need_no_api_key(server):
     assert cache["bytes"] == cache["rows"] * cache["row_length"] * cache["bytes_per_position"]
     assert cache["positions"] == cache["rows"] * cache["row_length"]
     assert cache["free_bytes"] > cache["bytes"] and cache["loaded_bytes"] >= cache["weights_bytes"] > 0
+    # How the worker runs: the CPU runtime, its OpenVINO decoder in the default precision, and how long it took.
+    [worker] = body["workers"]
+    assert (worker["worker"], worker["device"], worker["runtime"], worker["precision"]) == (0, "cpu", "cpu", "exact")
+    assert "decoder" in worker["programs"] and worker["prefill"] == "inline"
+    assert set(worker["startup_s"]) == {"load_s", "runtime_s", "cache_s"} and all(
+        seconds >= 0 for seconds in worker["startup_s"].values())
 
 
 def test_metrics_count_requests_and_read_engine_stats(server, client):

@@ -92,6 +92,8 @@ class WorkerHandle:
         self.programs: list[str] = []  # the OpenVINO programs the worker runs on CPU
         self.prefill = ""  # how it prefills understanding prompts: "thread" (beside the steps) or "inline"
         self.runtime = ""  # which runtime it runs (model/runtime/)
+        self.precision = ""  # its compute precision: the OpenVINO decoder's on CPU ("exact", "int8"...), else the dtype
+        self.startup: dict[str, float] = {}  # seconds it took to load, build its runtime and open its cache
         self.steps = 0
         self.batch_rows = 0  # cache rows in use, as the worker itself last reported
         self.reader: threading.Thread | None = None
@@ -296,6 +298,13 @@ class EngineClient:
     def caches(self) -> list[dict[str, Any]]:
         """The KV cache of each worker that has one, as it sized it."""
         return [{"worker": w.index, **w.cache} for w in self._workers if w.cache]
+
+    @property
+    def runtimes(self) -> list[dict[str, Any]]:
+        """How each ready worker runs: its runtime, precision, OpenVINO programs, prefills and start-up times."""
+        return [{"worker": w.index, "device": w.cache.get("device"), "runtime": w.runtime, "precision": w.precision,
+                 "programs": w.programs, "prefill": w.prefill, "startup_s": w.startup}
+                for w in self._workers if w.ready and w.alive]
 
     def stats(self) -> EngineStats:
         now = time.monotonic()
@@ -592,9 +601,13 @@ class EngineClient:
             worker.programs = list(info.get("programs", []))
             worker.prefill = info.get("prefill", "inline")
             worker.runtime = info.get("runtime", "")
-            log.info("worker %d ready on %s: %s runtime (OpenVINO: %s; understanding prefills: %s); %s",
-                     worker.index, info["device"], worker.runtime, ", ".join(worker.programs) or "none",
-                     PREFILL_WHERE[worker.prefill], info.get("cache_summary", ""))
+            worker.precision = info.get("precision", "")
+            worker.startup = startup = info.get("startup", {})
+            log.info("worker %d ready on %s: %s runtime, precision %s (OpenVINO: %s; understanding prefills: %s); %s; "
+                     "loaded in %s s, runtime built in %s s, cache in %s s",
+                     worker.index, info["device"], worker.runtime, worker.precision,
+                     ", ".join(worker.programs) or "none", PREFILL_WHERE[worker.prefill], info.get("cache_summary", ""),
+                     startup.get("load_s"), startup.get("runtime_s"), startup.get("cache_s"))
             self._wake.set()
         elif kind == "fatal":
             worker.fatal = message[1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 
 from server.engine.memory import (
     CacheDoesNotFit, CachePlan, bytes_per_position, gb, host_available_bytes, plan_cache, resident_bytes,
@@ -96,15 +97,20 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
 
         ignore_stop_signals()  # after Paddle's import, which installs its own SIGTERM handler
         device = support.pick_device(config.device)
+        started = time.monotonic()
         model = support.load(config.model_path, config.dtype, device)
+        loaded = time.monotonic()
         weights_bytes = device_memory(device, support)[1]
         runtime = support.make_runtime(model, device, eos_id=config.eos_id, pad_id=config.pad_id,
                                        cpu_engine=config.cpu_engine, cpu_precision=config.cpu_precision,
                                        cpu_vq=config.cpu_vq,
                                        cpu_vision=config.cpu_vision)
         # Everything but the cache is in memory now: what is left decides its size.
+        built = time.monotonic()
         plan = plan_worker_cache(config, model, *device_memory(device, support))
         runtime.open_cache(plan.rows, plan.row_length)
+        startup = {"load_s": round(loaded - started, 1), "runtime_s": round(built - loaded, 1),
+                   "cache_s": round(time.monotonic() - built, 1)}
     except CacheDoesNotFit as error:
         outbox.put(("fatal", str(error)))
         return
@@ -113,7 +119,7 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         return
     outbox.put(("ready", {**runtime.describe(), "cache": {**plan.info(), "weights_bytes": weights_bytes},
                           "cache_summary": f"{plan.describe()} (the weights alone {gb(weights_bytes)})",
-                          "pid": os.getpid()}))
+                          "startup": startup, "pid": os.getpid()}))
     Scheduler(runtime, inbox, outbox, max_running_requests=config.max_running_requests).run()
 
 
