@@ -20,10 +20,17 @@ and cached length change from step to step without a recompile, and a prompt's p
 runs through the same programs (its attention over itself chunked and causal).
 
 One copy of the weights: OpenVINO packs each program's weights into its own memory when
-it compiles (checked by tests/test_cpu_decoder.py, which poisons the eager memory after
+it compiles (checked by tests/test_cpu_engine.py, which poisons the eager memory after
 the build), so the eager copies of the layers' weights and the final norm are freed then
 (`release_eager=True`, what the worker does). model.forward_hidden then fails loudly;
 every call, prefill included, goes through this decoder. Embeddings and heads stay eager.
+
+That holds for the layers' shapes, and is checked at start (model/cpu_memory.py), not for every
+shape: with janus-tiny's 64 x 64 image-head weights compiled the same way, calls of 7 rows and
+more read the dropped memory (OpenVINO reorders a weight for a new kernel on first use, from the
+original constant). So the heads stay eager until the programs can be freed from their eager
+weights another way (model/cpu_programs.py's blobs are file-backed: dropped pages of those are
+read back from the file).
 
 Precision (`precision`):
 - "exact": float32 weights and compute; equal to eager within ~1e-5.
@@ -42,13 +49,22 @@ Precision (`precision`):
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import paddle
 
 from .cpu_attention import Group, attend, plan_groups, prompt_attention, write_cache
+from .cpu_memory import snapshot
+from .cpu_programs import ProgramStore, ProgramStoreError
 from .llama import KVCache, LlamaModel, cache_addresses, rotary_cos_sin
 from .tensors import float32_view, from_numpy
+
+log = logging.getLogger(__name__)
+
+# The JanusModel parameters the programs hold (by name prefix): what the loader need not read when the
+# programs are imported from a ProgramStore.
+HELD_PARAMETERS = ("language_model.model.layers.", "language_model.model.norm.")
 
 PRECISIONS = ("exact", "int8", "int4", "bf16")
 INT4_GROUP = 128
@@ -273,13 +289,14 @@ class CpuDecoder:
 
     `threads`: OpenVINO's threads (default: every core the process is meant to use).
     `release_eager`: free the eager layer weights once compiled (see the module's doc).
-    `cache_dir`: OpenVINO's compiled-program cache (a later start with the same weights skips
-    the compile). `quantize_activations` (int8, int4): False keeps the activations float32 (the tests
-    check the weights' path alone so). Not thread-safe: one caller at a time.
+    `store`: a ProgramStore (model/cpu_programs.py) to import the programs from, or to save them into
+    once built; with its entry complete, the layers' eager weights may be left unloaded.
+    `quantize_activations` (int8, int4): False keeps the activations float32 (the tests check the
+    weights' path alone so). Not thread-safe: one caller at a time.
     """
 
     def __init__(self, model, *, precision: str = "exact", threads: int | None = None, release_eager: bool = False,
-                 cache_dir: str | None = None, quantize_activations: bool = True):
+                 store: ProgramStore | None = None, quantize_activations: bool = True):
         import openvino
 
         from .cpu_engine import cpu_threads
@@ -301,35 +318,55 @@ class CpuDecoder:
                   "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
                   "ENABLE_CPU_PINNING": False,
                   "DYNAMIC_QUANTIZATION_GROUP_SIZE": ACTIVATION_GROUP if self.quantized_activations else 0}
-        if cache_dir:
-            config["CACHE_DIR"] = cache_dir
         core = openvino.Core()
         layers = len(llama.layers)
         bounds = [(None, 0)] + [(i, i + 1) for i in range(layers - 1)] + [(layers - 1, None)]
-        self.requests = []
+        params = [p for b in bounds for p in self._params(*b)]
         self.weight_bytes = 0  # of the programs' weights, in this precision: what a step reads
-        shared: list[np.ndarray] = []  # eager memory the programs' constants were made from (exact, bf16)
-        for before, after in bounds:
-            builder = _GraphBuilder(llama, precision)
-            compiled = core.compile_model(builder.part(before, after), "CPU", config)
-            self.requests.append(compiled.create_infer_request())
-            shared += builder.keep
-            self.weight_bytes += builder.weight_bytes
         self.released_bytes = 0
-        if release_eager:  # only once all are built, so that a failed build leaves the eager model whole
-            self.released_bytes = self._release([p for b in bounds for p in self._params(*b)], shared)
+        self.store = None  # the ProgramStore its programs were imported from (it keeps their blobs mapped)
+        programs = []
+        if store is not None and store.complete():
+            try:
+                programs = store.load(core, config)
+                if len(programs) != len(bounds):
+                    raise ProgramStoreError(f"{len(programs)} programs saved, {len(bounds)} wanted")
+                self.weight_bytes = store.manifest()["weight_bytes"]
+                self.store = store
+            except ProgramStoreError as error:
+                store.discard()
+                if not all(p._is_initialized() for p in params):
+                    raise  # the loader skipped the weights for this entry: the caller loads them and asks again
+                log.warning("compiled decoder programs in %s not used (%s); building them", store.path, error)
+        if self.store is None:
+            shared: list[np.ndarray] = []  # eager memory the programs' constants were made from (exact, bf16)
+            for part in bounds:
+                builder = _GraphBuilder(llama, precision)
+                programs.append(core.compile_model(builder.part(*part), "CPU", config).create_infer_request())
+                shared += builder.keep
+                self.weight_bytes += builder.weight_bytes
+            probes = snapshot(programs) if release_eager or store is not None else []
+            if store is not None:
+                store.save([request.get_compiled_model() for request in programs], probes,
+                           {"weight_bytes": self.weight_bytes})
+            if release_eager:  # only once all are built, so that a failed build leaves the eager model whole
+                self.released_bytes = self._release(programs, params, shared, probes)
+        elif release_eager:
+            for param in params:
+                param._clear_data()
+        self.requests = programs
 
-    def _release(self, params: list, shared: list[np.ndarray]) -> int:
+    @staticmethod
+    def _release(programs: list, params: list, shared: list[np.ndarray], before: list[np.ndarray]) -> int:
         """Free the eager weights the programs were built from (model/cpu_memory.py); the bytes given back.
-        Raises if a program's outputs change: it read the memory given back."""
-        from .cpu_memory import drop_pages, same_outputs, snapshot, trim_heap
+        Raises if a program's outputs change from `before` (snapshot): it read the memory given back."""
+        from .cpu_memory import drop_pages, same_outputs, trim_heap
 
-        before = snapshot(self.requests)
         dropped = drop_pages(shared)  # held by the programs' constants: cannot be freed, only given back
         for param in params:
             param._clear_data()
         trim_heap()
-        if not same_outputs(self.requests, before):
+        if not same_outputs(programs, before):
             raise RuntimeError("an OpenVINO decoder program read the eager weights after they were released")
         return dropped
 

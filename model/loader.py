@@ -63,11 +63,14 @@ _WEIGHT_FILES = (
 )
 
 
-def load_model(folder: str | Path, dtype: str | None = None, device: str | None = None) -> JanusModel:
+def load_model(folder: str | Path, dtype: str | None = None, device: str | None = None,
+               skip: tuple[str, ...] = ()) -> JanusModel:
     """Load a Janus checkpoint folder into an eval-mode JanusModel (float32 on CPU).
 
     `dtype` ('float32', 'bfloat16', 'float16') applies on GPU only; `device` ('cpu', 'gpu:0')
-    becomes Paddle's current device.
+    becomes Paddle's current device. `skip`: prefixes of parameter names not to read (they stay
+    unallocated: for parts that run from programs compiled earlier, model/cpu_programs.py); the
+    checkpoint still has to hold them, with the right shapes.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -102,6 +105,8 @@ def load_model(folder: str | Path, dtype: str | None = None, device: str | None 
     try:
         _check_keys_and_shapes(checkpoint, shapes, expected, linear_keys)
         for name, keys in sources.items():
+            if skip and name.startswith(skip):
+                continue
             parts = [_to_paddle_layout(checkpoint.read(key), key in linear_keys, checkpoint.paddle_layout) for key in keys]
             value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
             param = params[name]

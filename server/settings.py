@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     cpu_precision: Literal["exact", "int8", "int4", "bf16"] = Field(
         "exact", description="Precision of the CPU decoder's programs: exact (float32, the reference's outputs), or "
         "the lossy, faster int8 and int4 (weights) and bf16 (compute; CPUs with AMX or AVX512-BF16 only).")
+    program_cache: str = Field(
+        "auto", description="Folder for the CPU decoder's compiled programs, so that a later start imports them "
+        "instead of reading those weights and compiling: auto (<home>/programs), off, or a folder.")
     cpu_vq: Literal["auto", "eager", "openvino"] = Field(
         "auto", description="CPU VQ image decoder: OpenVINO (about 4x faster, runs beside the decode loop), "
         "eager Paddle, or auto (OpenVINO when the openvino package is installed).")
@@ -103,6 +106,7 @@ class Settings(BaseSettings):
             threads=self.threads,
             cpu_engine=self.cpu_engine,
             cpu_precision=self.cpu_precision,
+            program_cache=self.program_cache,
             cpu_vq=self.cpu_vq,
             cpu_vision=self.cpu_vision,
         )

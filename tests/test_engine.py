@@ -469,3 +469,25 @@ def test_outbox_sends_in_order_and_drops_messages_once_nobody_reads():
     assert all(np.array_equal(m[2], big) for m in received)
     reader.close()
     outbox.put(("after",))  # no BrokenPipeError
+
+
+def test_a_second_start_imports_the_decoder_programs_the_first_saved(loop, tmp_path):
+    """The first worker builds the CPU decoder's programs and saves them under <home>/programs; the next one,
+    with the same checkpoint and settings, imports them without reading the layers' weights, and answers the
+    same."""
+    answers, how = [], []
+    for _ in range(2):
+        engine = start_engine(loop, tmp_path)
+        try:
+            how.append(engine.runtimes[0]["decoder_programs"])
+            answers.append(loop.run(engine.understand(understand_request(5))).token_ids)
+        finally:
+            loop.run(engine.stop())
+    assert how == ["built", "imported"] and answers[0] == answers[1]
+    assert len([entry for entry in (tmp_path / "programs").iterdir()]) == 1
+    # "off": neither imported nor saved
+    engine = start_engine(loop, tmp_path / "other", program_cache="off")
+    try:
+        assert engine.runtimes[0]["decoder_programs"] == "built" and not (tmp_path / "other" / "programs").exists()
+    finally:
+        loop.run(engine.stop())

@@ -92,6 +92,17 @@ def limit_blas_threads() -> None:
     cpu_blas.configure(gemm_threads=cpu_threads(), small_threads=1)
 
 
+def decoder_store(model_path: str, folder: str, precision: str, threads: int | None = None):
+    """The ProgramStore entry of the decoder's programs for this checkpoint, precision and thread count
+    (default: cpu_threads(), what the decoder takes)."""
+    from .. import cpu_decoder
+    from ..cpu_programs import ProgramStore
+
+    return ProgramStore.for_checkpoint(model_path, folder, cpu_decoder.__file__, program="decoder",
+                                       precision=precision, activation_group=cpu_decoder.ACTIVATION_GROUP,
+                                       threads=threads or cpu_threads())
+
+
 def make_cpu_program(what: str, choice: str, build):
     """An OpenVINO program from `build()` when asked for ("openvino"), or with "auto" when the openvino
     package is installed; None (eager Paddle) otherwise, or when "auto" cannot build it."""
@@ -101,8 +112,12 @@ def make_cpu_program(what: str, choice: str, build):
 
     if choice == "auto" and not openvino_runtime_available():
         return None
+    from ..cpu_programs import ProgramStoreError
+
     try:
         return build()
+    except ProgramStoreError:
+        raise  # its weights were not loaded: eager cannot take over (the worker loads them and starts again)
     except Exception:
         if choice == "openvino":
             raise
@@ -114,8 +129,8 @@ class CpuRuntime(EagerRuntime):
     name = "cpu"
 
     def __init__(self, model, *, eos_id: int, pad_id: int, cpu_engine: str = "auto", cpu_precision: str = "exact",
-                 cpu_vq: str = "auto", cpu_vision: str = "auto", previews: bool = True, program_cache: str | None = None):
-        """`program_cache`: a folder for OpenVINO's compiled programs (a later start skips compiling)."""
+                 cpu_vq: str = "auto", cpu_vision: str = "auto", previews: bool = True, program_store=None):
+        """`program_store`: where the decoder's compiled programs are imported from or saved (decoder_store)."""
         from ..cpu_decoder import CpuDecoder, check_precision
 
         limit_blas_threads()
@@ -124,7 +139,7 @@ class CpuRuntime(EagerRuntime):
         if cpu_engine != "eager":
             check_precision(cpu_precision)  # before minutes of building: a clear refusal (bf16 without the CPU for it)
         self.decoder = make_cpu_program("decoder", cpu_engine, lambda: CpuDecoder(
-            model, precision=cpu_precision, release_eager=True, cache_dir=program_cache))
+            model, precision=cpu_precision, release_eager=True, store=program_store))
         if self.decoder is not None:
             one_blas_thread()
         if self.decoder is None and cpu_precision != "exact":
@@ -166,6 +181,7 @@ class CpuRuntime(EagerRuntime):
         described = {**super().describe(), "programs": programs, "prefill": "thread" if self.prefill_thread else "inline"}
         if self.decoder is not None:
             described["precision"] = self.decoder.precision
+            described["decoder_programs"] = "imported" if self.decoder.store is not None else "built"
         return described
 
     # ---- prefills in the background

@@ -24,10 +24,34 @@ def pick_device(requested: str) -> str:
     return f"gpu:{int(requested)}"
 
 
-def load(model_path: str, dtype: str, device: str):
-    """Paddle on `device` and the model on it (`dtype` "auto": bfloat16 on GPU, float32 on CPU)."""
+def load(model_path: str, dtype: str, device: str, skip: tuple[str, ...] = ()):
+    """Paddle on `device` and the model on it (`dtype` "auto": bfloat16 on GPU, float32 on CPU); `skip`:
+    parameters not to read (held_parameters)."""
     paddle.set_device(device)
-    return load_model(model_path, dtype=None if dtype == "auto" else dtype, device=device)
+    return load_model(model_path, dtype=None if dtype == "auto" else dtype, device=device, skip=skip)
+
+
+def program_store(device: str, model_path: str, folder: str | None, *, cpu_engine: str, cpu_precision: str):
+    """Where the CPU decoder's compiled programs for this checkpoint and precision are kept between starts
+    (model/cpu_programs.py): None off CPU, without a folder, or without the OpenVINO decoder."""
+    if device != "cpu" or not folder or cpu_engine == "eager":
+        return None
+    from ..cpu_engine import openvino_runtime_available
+
+    if not openvino_runtime_available():
+        return None
+    from .cpu import decoder_store
+
+    return decoder_store(model_path, folder, cpu_precision)
+
+
+def held_parameters(store) -> tuple[str, ...]:
+    """The parameters the loader need not read: those of programs `store` already holds."""
+    if store is None or not store.complete():
+        return ()
+    from ..cpu_decoder import HELD_PARAMETERS
+
+    return HELD_PARAMETERS
 
 
 def gpu_memory(device: str) -> tuple[int, int]:
@@ -57,15 +81,14 @@ def cuda_free_bytes(index: int) -> int | None:
 
 
 def make_runtime(model, device: str, *, eos_id: int, pad_id: int, cpu_engine: str = "auto",
-                 cpu_precision: str = "exact", cpu_vq: str = "auto", cpu_vision: str = "auto",
-                 program_cache: str | None = None):
+                 cpu_precision: str = "exact", cpu_vq: str = "auto", cpu_vision: str = "auto", program_store=None):
     """The CPU runtime on CPU (model/runtime/cpu.py), eager Paddle elsewhere; its cache comes later
     (runtime.open_cache)."""
     if device == "cpu":
         from .cpu import CpuRuntime
 
         return CpuRuntime(model, eos_id=eos_id, pad_id=pad_id, cpu_engine=cpu_engine, cpu_precision=cpu_precision,
-                          cpu_vq=cpu_vq, cpu_vision=cpu_vision, program_cache=program_cache)
+                          cpu_vq=cpu_vq, cpu_vision=cpu_vision, program_store=program_store)
     from .eager import EagerRuntime
 
     return EagerRuntime(model, eos_id=eos_id, pad_id=pad_id)

@@ -93,6 +93,7 @@ class WorkerHandle:
         self.prefill = ""  # how it prefills understanding prompts: "thread" (beside the steps) or "inline"
         self.runtime = ""  # which runtime it runs (model/runtime/)
         self.precision = ""  # its compute precision: the OpenVINO decoder's on CPU ("exact", "int8"...), else the dtype
+        self.decoder_programs = ""  # the CPU decoder's programs: "built" at this start, or "imported" (cpu_programs.py)
         self.startup: dict[str, float] = {}  # seconds it took to load, build its runtime and open its cache
         self.steps = 0
         self.batch_rows = 0  # cache rows in use, as the worker itself last reported
@@ -182,7 +183,19 @@ class EngineClient:
             max_new_tokens=self.config.max_new_tokens_limit, memory_fraction=self.config.memory_fraction,
             max_running_requests=self.config.max_running_requests, cpu_engine=self.config.cpu_engine,
             cpu_precision=self.config.cpu_precision, cpu_vq=self.config.cpu_vq, cpu_vision=self.config.cpu_vision,
-            threads=threads, eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
+            program_cache=self._program_cache(), threads=threads, eos_id=self._processor.eos_id,
+            pad_id=self._processor.pad_id)
+
+    def _program_cache(self) -> str | None:
+        """The folder for compiled CPU programs (model/cpu_programs.py), or None."""
+        choice = self.config.program_cache
+        if choice == "off":
+            return None
+        if choice == "auto":
+            from model.hub import default_home
+
+            return str(default_home(self.config.home) / "programs")
+        return str(Path(choice).expanduser())
 
     def _spawn(self, worker: WorkerHandle) -> None:
         worker.inbox = self._ctx.Queue()
@@ -303,8 +316,8 @@ class EngineClient:
     def runtimes(self) -> list[dict[str, Any]]:
         """How each ready worker runs: its runtime, precision, OpenVINO programs, prefills and start-up times."""
         return [{"worker": w.index, "device": w.cache.get("device"), "runtime": w.runtime, "precision": w.precision,
-                 "programs": w.programs, "prefill": w.prefill, "startup_s": w.startup}
-                for w in self._workers if w.ready and w.alive]
+                 "programs": w.programs, "decoder_programs": w.decoder_programs, "prefill": w.prefill,
+                 "startup_s": w.startup} for w in self._workers if w.ready and w.alive]
 
     def stats(self) -> EngineStats:
         now = time.monotonic()
@@ -602,11 +615,14 @@ class EngineClient:
             worker.prefill = info.get("prefill", "inline")
             worker.runtime = info.get("runtime", "")
             worker.precision = info.get("precision", "")
+            worker.decoder_programs = info.get("decoder_programs", "")
             worker.startup = startup = info.get("startup", {})
-            log.info("worker %d ready on %s: %s runtime, precision %s (OpenVINO: %s; understanding prefills: %s); %s; "
-                     "loaded in %s s, runtime built in %s s, cache in %s s",
+            log.info("worker %d ready on %s: %s runtime, precision %s (OpenVINO: %s%s; understanding prefills: %s); "
+                     "%s; loaded in %s s, runtime built in %s s, cache in %s s",
                      worker.index, info["device"], worker.runtime, worker.precision,
-                     ", ".join(worker.programs) or "none", PREFILL_WHERE[worker.prefill], info.get("cache_summary", ""),
+                     ", ".join(worker.programs) or "none",
+                     f"; decoder programs {worker.decoder_programs}" if worker.decoder_programs else "",
+                     PREFILL_WHERE[worker.prefill], info.get("cache_summary", ""),
                      startup.get("load_s"), startup.get("runtime_s"), startup.get("cache_s"))
             self._wake.set()
         elif kind == "fatal":

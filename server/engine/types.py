@@ -215,5 +215,6 @@ class EngineConfig:
     threads: int | None = None  # CPU threads per worker (OMP_NUM_THREADS); None: all cores / workers
     cpu_engine: str = "auto"  # CPU decoder layers: "openvino" programs (model/cpu_decoder.py), "eager" Paddle, "auto"
     cpu_precision: str = "exact"  # the OpenVINO decoder's: "exact" (float32), "int8", "int4", "bf16" (lossy, opt-in)
+    program_cache: str = "auto"  # compiled CPU decoder programs: "auto" (<home>/programs), "off", or a folder
     cpu_vq: str = "auto"  # CPU VQ decoder: "openvino" (in a thread beside the decode loop), "eager", "auto"
     cpu_vision: str = "auto"  # CPU image encoder (SigLIP + aligner): "openvino", "eager", "auto"

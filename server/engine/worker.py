@@ -12,15 +12,19 @@ Messages out: ("ready", info) | ("fatal", message) | ("events", [event, ...], st
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
 
+from model.cpu_programs import ProgramStoreError
 from server.engine.memory import (
     CacheDoesNotFit, CachePlan, bytes_per_position, gb, host_available_bytes, plan_cache, resident_bytes,
 )
 from server.engine.scheduler import Scheduler
 from server.engine.types import DEFAULT_MEMORY_FRACTION
+
+log = logging.getLogger("janus.worker")
 
 
 @dataclasses.dataclass
@@ -37,6 +41,7 @@ class WorkerConfig:
     cpu_precision: str = "exact"
     cpu_vq: str = "auto"
     cpu_vision: str = "auto"
+    program_cache: str | None = None  # a folder for the CPU decoder's compiled programs (model/cpu_programs.py)
     threads: int | None = None
     eos_id: int = 0
     pad_id: int = 0
@@ -98,13 +103,21 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         ignore_stop_signals()  # after Paddle's import, which installs its own SIGTERM handler
         device = support.pick_device(config.device)
         started = time.monotonic()
-        model = support.load(config.model_path, config.dtype, device)
+        store = support.program_store(device, config.model_path, config.program_cache, cpu_engine=config.cpu_engine,
+                                      cpu_precision=config.cpu_precision)
+        model = support.load(config.model_path, config.dtype, device, skip=support.held_parameters(store))
         loaded = time.monotonic()
         weights_bytes = device_memory(device, support)[1]
-        runtime = support.make_runtime(model, device, eos_id=config.eos_id, pad_id=config.pad_id,
-                                       cpu_engine=config.cpu_engine, cpu_precision=config.cpu_precision,
-                                       cpu_vq=config.cpu_vq,
-                                       cpu_vision=config.cpu_vision)
+        try:
+            runtime = make_runtime(config, support, model, device, store)
+        except ProgramStoreError as error:  # the entry is gone, and the weights it held were not read
+            log.warning("compiled programs in %s not used (%s); loading the weights and building them", store.path,
+                        error)
+            del model
+            model = support.load(config.model_path, config.dtype, device)
+            loaded = time.monotonic()
+            weights_bytes = device_memory(device, support)[1]
+            runtime = make_runtime(config, support, model, device, store)
         # Everything but the cache is in memory now: what is left decides its size.
         built = time.monotonic()
         plan = plan_worker_cache(config, model, *device_memory(device, support))
@@ -121,6 +134,12 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
                           "cache_summary": f"{plan.describe()} (the weights alone {gb(weights_bytes)})",
                           "startup": startup, "pid": os.getpid()}))
     Scheduler(runtime, inbox, outbox, max_running_requests=config.max_running_requests).run()
+
+
+def make_runtime(config: WorkerConfig, support, model, device: str, store):
+    return support.make_runtime(model, device, eos_id=config.eos_id, pad_id=config.pad_id,
+                                cpu_engine=config.cpu_engine, cpu_precision=config.cpu_precision, cpu_vq=config.cpu_vq,
+                                cpu_vision=config.cpu_vision, program_store=store)
 
 
 def ignore_stop_signals() -> None:

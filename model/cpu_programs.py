@@ -1,0 +1,176 @@
+"""Compiled OpenVINO programs kept on disk, so that a later start imports them instead of building (CPU).
+
+Building the language model's programs (model/cpu_decoder.py) needs its weights read from the
+checkpoint, then compiled; at Janus-1.3B's sizes that is most of a worker's start. The first start
+exports each compiled program (OpenVINO's own blob: the program with its packed weights) into an
+entry of a folder; a later start with the same entry need not read those weights at all
+(loader.load_model's `skip`) and imports the blobs instead.
+
+An entry is named by a digest of everything its programs depend on (`ProgramStore.key`): the
+checkpoint's weight files (names, sizes, modification times), the precision and thread count, the
+OpenVINO version, the CPU's capabilities and model name, and the source of the module that builds
+the programs. Any change gives a new entry; when one is written, the entries of the same checkpoint
+folder that no start can use again (other files there, other code, OpenVINO or CPU) are removed. An
+entry is written into a temporary folder and renamed into place once whole (its manifest.json last),
+so a start that dies halfway leaves no entry.
+
+Imports map each blob into memory (np.memmap, copy-on-write): OpenVINO keeps the imported program's
+original constants alive beside the packed copy it computes with, as after a compile
+(model/cpu_memory.py). Here those constants are pages of the file: they are dropped after the
+import and, unlike a compile's, could be read back from the file if OpenVINO ever needed them.
+Every imported program must then give exactly the outputs it gave when it was exported (probe
+inputs, model/cpu_memory.snapshot); if not, or if anything else fails, the entry is discarded and
+the caller builds from the weights.
+
+    store = ProgramStore.for_checkpoint(folder, cache_root, builder_source, precision=..., threads=...)
+    if store.complete(): requests = store.load(core, config)      # raises ProgramStoreError
+    else: ...build...; store.save(compiled_models, snapshot)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # of an entry's layout; part of the key
+MANIFEST = "manifest.json"
+WEIGHT_SUFFIXES = (".safetensors", ".pdparams", ".bin", ".json")
+
+
+class ProgramStoreError(RuntimeError):
+    """An entry that could not be imported or did not give its recorded outputs."""
+
+
+def checkpoint_fingerprint(folder: str | os.PathLike) -> list:
+    """What identifies a checkpoint's contents without reading them: its weight and config files' names,
+    sizes and modification times."""
+    folder = Path(folder).resolve()
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+            stat = path.stat()
+            files.append([path.name, stat.st_size, stat.st_mtime_ns])
+    return [str(folder), files]
+
+
+def cpu_identity() -> list:
+    """The CPU's model name and OpenVINO's view of its capabilities: a blob is compiled for one kind."""
+    import openvino
+
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return [name, sorted(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))]
+
+
+class ProgramStore:
+    """One entry of compiled programs under `root`, for the programs `key` describes."""
+
+    def __init__(self, root: str | os.PathLike, key: dict):
+        self.root = Path(root)
+        self.key = key
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        self.path = self.root / digest
+
+    @classmethod
+    def for_checkpoint(cls, folder, root, builder_source: str | os.PathLike, **settings) -> "ProgramStore":
+        import openvino
+
+        source = Path(builder_source)
+        return cls(root, {"format": FORMAT, "checkpoint": checkpoint_fingerprint(folder), "builder": source.name,
+                          "builder_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                          "openvino": openvino.__version__, "cpu": cpu_identity(), **settings})
+
+    def complete(self) -> bool:
+        return (self.path / MANIFEST).is_file()
+
+    def manifest(self) -> dict:
+        return json.loads((self.path / MANIFEST).read_text())
+
+    def save(self, compiled: list, probes: list[np.ndarray], extra: dict | None = None) -> bool:
+        """Write the compiled programs and their probe outputs as this entry; False (logged) if it cannot be
+        written (no space, no permission): serving goes on without it."""
+        temp = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            temp = Path(tempfile.mkdtemp(prefix=".writing-", dir=self.root))
+            sizes = []
+            for index, program in enumerate(compiled):
+                blob = program.export_model()
+                with open(temp / f"{index:03d}.blob", "wb") as f:
+                    f.write(blob.getbuffer())
+                sizes.append(blob.getbuffer().nbytes)
+                del blob
+            np.savez(temp / "probes.npz", *probes)
+            (temp / MANIFEST).write_text(json.dumps({"key": self.key, "programs": len(compiled), "bytes": sizes,
+                                                     **(extra or {})}, indent=1))
+            self._remove_stale()
+            os.rename(temp, self.path)  # fails if another worker wrote the same entry meanwhile: theirs stays
+            temp = None
+            log.info("compiled programs saved in %s (%.1f GB)", self.path, sum(sizes) / 1e9)
+            return True
+        except OSError as error:
+            log.warning("compiled programs not saved in %s (%s); the next start builds them again", self.root, error)
+            return False
+        finally:
+            if temp is not None:
+                shutil.rmtree(temp, ignore_errors=True)
+
+    def _remove_stale(self) -> None:
+        """Entries of the same builder for the same checkpoint folder that no start can use again: made from
+        other files there, by other code, OpenVINO or CPU (those of other settings, precision or threads, stay)."""
+        lasting = ("checkpoint", "builder_sha256", "openvino", "cpu")
+        for entry in self.root.iterdir():
+            if entry == self.path or entry.name.startswith(".") or not (entry / MANIFEST).is_file():
+                continue
+            try:
+                key = json.loads((entry / MANIFEST).read_text())["key"]
+                same_place = (key["checkpoint"][0], key["builder"]) == (self.key["checkpoint"][0], self.key["builder"])
+                if same_place and any(key[name] != self.key[name] for name in lasting):
+                    shutil.rmtree(entry, ignore_errors=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+
+    def load(self, core, config: dict) -> list:
+        """The entry's programs as infer requests, checked against their recorded outputs; raises
+        ProgramStoreError (after discarding the entry) if any is missing, unreadable or different. The
+        blobs stay mapped as long as this store lives: keep it beside the programs."""
+        import openvino
+
+        from .cpu_memory import drop_pages, snapshot
+
+        try:
+            manifest = self.manifest()
+            maps, requests = [], []
+            for index in range(manifest["programs"]):
+                blob = np.memmap(self.path / f"{index:03d}.blob", dtype=np.uint8, mode="c")
+                maps.append(blob)  # OpenVINO's constants point into it: kept mapped for the program's lifetime
+                program = core.import_model(openvino.Tensor(blob, shared_memory=True), "CPU", config)
+                requests.append(program.create_infer_request())
+            drop_pages(maps)
+            with np.load(self.path / "probes.npz") as recorded:
+                expected = [recorded[f"arr_{i}"] for i in range(len(recorded.files))]
+            got = snapshot(requests)
+            if len(got) != len(expected) or not all(np.array_equal(a, b) for a, b in zip(got, expected)):
+                raise ProgramStoreError("the imported programs do not give the outputs they gave when saved")
+        except Exception as error:  # noqa: BLE001 - whatever went wrong, the entry is not to be used
+            self.discard()
+            if isinstance(error, ProgramStoreError):
+                raise
+            raise ProgramStoreError(f"{type(error).__name__}: {error}") from error
+        self._maps = maps
+        return requests
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
