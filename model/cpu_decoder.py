@@ -328,13 +328,10 @@ class CpuDecoder:
         programs = []
         if store is not None and store.complete():
             try:
-                programs = store.load(core, config)
-                if len(programs) != len(bounds):
-                    raise ProgramStoreError(f"{len(programs)} programs saved, {len(bounds)} wanted")
-                self.weight_bytes = store.manifest()["weight_bytes"]
+                programs, manifest = store.load(core, config, len(bounds))
+                self.weight_bytes = manifest["weight_bytes"]
                 self.store = store
-            except ProgramStoreError as error:
-                store.discard()
+            except ProgramStoreError as error:  # store.load discarded the entry
                 if not all(p._is_initialized() for p in params):
                     raise  # the loader skipped the weights for this entry: the caller loads them and asks again
                 log.warning("compiled decoder programs in %s not used (%s); building them", store.path, error)

@@ -160,9 +160,9 @@ class CpuVQDecoder:
     (for comparison: bench/vq_bench.py).
 
     `single_thread_copy=True` also compiles a one-thread copy (its own copy of the VQ weights)
-    for decode(..., single_thread=True): while decode steps run on the other cores, a VQ
-    decode that takes them all only slows both down (measured: janus-tiny, 2 cores, 8
-    concurrent image requests, ~0.85 -> ~1.0 images/s).
+    for decode(..., single_thread=True). The worker no longer uses it: at Janus-1.3B's sizes a VQ
+    decode on every core beside 8-row steps took 0.874x the wall time of the two one after the
+    other, on one core 0.924x (bench/cpu_bench.py --vq-overlap, which keeps the copy to compare).
     """
 
     def __init__(self, model, *, threads: int | None = None, workdir: str | None = None,

@@ -73,8 +73,10 @@ def outputs(request, inputs: dict) -> list[np.ndarray]:
 
 
 def same_outputs(requests: list, before: list) -> bool:
-    """Whether each request gives now what it gave before (`before`: snapshot(requests))."""
-    return all(np.array_equal(a, b) for a, b in zip(snapshot(requests), before))
+    """Whether each request gives now what it gave before (`before`: snapshot(requests), here or in an earlier
+    process)."""
+    now = snapshot(requests)
+    return len(now) == len(before) and all(np.array_equal(a, b) for a, b in zip(now, before))
 
 
 def snapshot(requests: list) -> list[np.ndarray]:

@@ -23,7 +23,7 @@ inputs, model/cpu_memory.snapshot); if not, or if anything else fails, the entry
 the caller builds from the weights.
 
     store = ProgramStore.for_checkpoint(folder, cache_root, builder_source, precision=..., threads=...)
-    if store.complete(): requests = store.load(core, config)      # raises ProgramStoreError
+    if store.complete(): requests, manifest = store.load(core, config, count)   # raises ProgramStoreError
     else: ...build...; store.save(compiled_models, snapshot)
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def checkpoint_fingerprint(folder: str | os.PathLike) -> list:
 
 def cpu_identity() -> list:
     """The CPU's model name and OpenVINO's view of its capabilities: a blob is compiled for one kind."""
-    import openvino
+    from .cpu_decoder import cpu_capabilities
 
     name = ""
     try:
@@ -71,7 +71,7 @@ def cpu_identity() -> list:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    return [name, sorted(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))]
+    return [name, sorted(cpu_capabilities())]
 
 
 class ProgramStore:
@@ -82,6 +82,7 @@ class ProgramStore:
         self.key = key
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         self.path = self.root / digest
+        self._maps: list[np.ndarray] = []  # the blobs load() imported, mapped as long as their programs live
 
     @classmethod
     def for_checkpoint(cls, folder, root, builder_source: str | os.PathLike, **settings) -> "ProgramStore":
@@ -107,10 +108,10 @@ class ProgramStore:
             temp = Path(tempfile.mkdtemp(prefix=".writing-", dir=self.root))
             sizes = []
             for index, program in enumerate(compiled):
-                blob = program.export_model()
+                blob = program.export_model().getbuffer()
                 with open(temp / f"{index:03d}.blob", "wb") as f:
-                    f.write(blob.getbuffer())
-                sizes.append(blob.getbuffer().nbytes)
+                    f.write(blob)
+                sizes.append(blob.nbytes)
                 del blob
             np.savez(temp / "probes.npz", *probes)
             (temp / MANIFEST).write_text(json.dumps({"key": self.key, "programs": len(compiled), "bytes": sizes,
@@ -142,16 +143,20 @@ class ProgramStore:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
 
-    def load(self, core, config: dict) -> list:
-        """The entry's programs as infer requests, checked against their recorded outputs; raises
-        ProgramStoreError (after discarding the entry) if any is missing, unreadable or different. The
-        blobs stay mapped as long as this store lives: keep it beside the programs."""
+    def load(self, core, config: dict, programs: int) -> tuple[list, dict]:
+        """The entry's `programs` programs as infer requests, checked against their recorded outputs, and its
+        manifest (with what save() was given as `extra`); raises
+        ProgramStoreError (after discarding the entry) if it holds another number, or any is missing,
+        unreadable or different. The blobs stay mapped as long as this store lives: keep it beside the
+        programs."""
         import openvino
 
-        from .cpu_memory import drop_pages, snapshot
+        from .cpu_memory import drop_pages, same_outputs
 
         try:
             manifest = self.manifest()
+            if manifest["programs"] != programs:
+                raise ProgramStoreError(f"{manifest['programs']} programs saved, {programs} wanted")
             maps, requests = [], []
             for index in range(manifest["programs"]):
                 blob = np.memmap(self.path / f"{index:03d}.blob", dtype=np.uint8, mode="c")
@@ -161,8 +166,7 @@ class ProgramStore:
             drop_pages(maps)
             with np.load(self.path / "probes.npz") as recorded:
                 expected = [recorded[f"arr_{i}"] for i in range(len(recorded.files))]
-            got = snapshot(requests)
-            if len(got) != len(expected) or not all(np.array_equal(a, b) for a, b in zip(got, expected)):
+            if not same_outputs(requests, expected):
                 raise ProgramStoreError("the imported programs do not give the outputs they gave when saved")
         except Exception as error:  # noqa: BLE001 - whatever went wrong, the entry is not to be used
             self.discard()
@@ -170,7 +174,7 @@ class ProgramStore:
                 raise
             raise ProgramStoreError(f"{type(error).__name__}: {error}") from error
         self._maps = maps
-        return requests
+        return requests, manifest
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -10,6 +10,7 @@ import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import openvino  # noqa: E402
 import pytest  # noqa: E402
 
 from model.cpu_decoder import HELD_PARAMETERS, CpuDecoder  # noqa: E402
@@ -89,7 +90,7 @@ def test_a_damaged_entry_is_discarded(checkpoint, tmp_path):
     probes = np.load(store.path / "probes.npz")
     np.savez(store.path / "probes.npz", *[probes[name] + 1 for name in probes.files])  # what the programs gave
     with pytest.raises(ProgramStoreError, match="do not give the outputs"):
-        store.load(__import__("openvino").Core(), {"INFERENCE_NUM_THREADS": 2})
+        store.load(openvino.Core(), {"INFERENCE_NUM_THREADS": 2}, store.manifest()["programs"])
     assert not store.path.exists()
 
     # With the weights loaded, the decoder builds (and saves) again; without them, it says so.
@@ -102,6 +103,9 @@ def test_a_damaged_entry_is_discarded(checkpoint, tmp_path):
     assert not store.complete()
     rebuilt = CpuDecoder(model, threads=2, store=store)
     assert rebuilt.store is None and store.complete()
+    with pytest.raises(ProgramStoreError, match="programs saved"):  # another model's number of programs
+        store.load(openvino.Core(), {"INFERENCE_NUM_THREADS": 2}, store.manifest()["programs"] + 1)
+    assert not store.complete()
 
 
 def test_an_entry_that_cannot_be_written_is_only_logged(checkpoint, tmp_path, caplog):
