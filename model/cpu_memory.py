@@ -13,6 +13,8 @@ reads its constants in place, so it is built from copies instead.)
 The worker makes glibc keep freed memory in its heap (loader.keep_freed_memory); `trim_heap` gives
 back the free pages there (the freed eager tensors), so that the KV cache, sized from the memory
 the OS reports free, can have them.
+
+`lazy_zeros` makes the KV cache: memory the OS hands over page by page as it is first written.
 """
 from __future__ import annotations
 
@@ -48,6 +50,20 @@ def drop_pages(arrays: list[np.ndarray]) -> int:
                 raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
             dropped += last - first
     return dropped
+
+
+def lazy_zeros(shape, dtype) -> np.ndarray:
+    """A zeroed array in its own anonymous mapping: nothing is resident until a page is first written.
+
+    For the KV cache, sized from the memory the OS reports free: zeroing all of it at start
+    (paddle.zeros) took 13.2 s for Janus-1.3B's 9.3 GB on a 2-core EPYC VM; here each page costs its
+    first write instead, in the step that first fills that part of the cache (about 0.4 s per GB
+    written, measured on the same VM). Reading a page never written reads zeros without taking memory.
+    """
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    buffer = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(buffer, dtype, count=count).reshape(shape)
 
 
 def trim_heap() -> bool:

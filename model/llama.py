@@ -35,8 +35,8 @@ class KVCache:
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int, head_dim: int,
                  dtype: str = "float32", block_size: int = 64, allocate=None):
-        """`allocate(shape, dtype)`: where the buffers live, as zeroed numpy arrays (on CPU; for example in
-        shared memory, so that another process can write rows: server/engine/prefill.py)."""
+        """`allocate(shape, dtype)`: where the buffers live, as zeroed numpy arrays (CPU only; the CPU
+        runtime's: model/cpu_memory.lazy_zeros)."""
         if num_slots < 1 or max_len < 1:
             raise ValueError(f"a KV cache needs at least one slot and one position, got {num_slots} x {max_len}")
         self.num_slots = num_slots

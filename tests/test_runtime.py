@@ -137,6 +137,24 @@ def test_cpu_runtime_gives_the_reference_text_and_images_batched(model, golden, 
     assert runtime.free_rows == 8
 
 
+def test_cpu_runtime_cache_takes_memory_only_as_it_is_written(model, golden):
+    """A large cache opens at once and holds no memory until rows are written; then it serves as before."""
+    from server.engine.memory import resident_bytes
+
+    arrays, cases = golden
+    runtime = cpu(model, cases)
+    per_row = runtime.batch.cache.nbytes // 8
+    rows = -(-(512 << 20) // per_row)
+    before = resident_bytes()
+    runtime.open_cache(rows, 1400)
+    cache = runtime.batch.cache
+    assert cache.nbytes >= 512 << 20 and resident_bytes() - before < cache.nbytes // 8
+    assert not any(np.from_dlpack(t).any() for t in cache.k + cache.v)  # zeros, read without taking memory
+    outbox = run_all(runtime, [understand_message(arrays, "u1", "conv1")])
+    assert outbox.of("u1", "token") == arrays["understanding.conv1.generated_ids"][0].tolist()
+    assert resident_bytes() - before < cache.nbytes // 4
+
+
 def test_cpu_prefill_thread_joins_rows_and_fails_or_drops_them_alone(model, golden, monkeypatch):
     """A prompt joins at the poll after its prefill; a prefill error fails its request only; a request
     removed mid-prefill never joins and its row comes back; steps meanwhile take half the cores."""

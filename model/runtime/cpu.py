@@ -175,6 +175,13 @@ class CpuRuntime(EagerRuntime):
         if self.vision is not None:
             self.batch.encode_images = self.encode_images
 
+    def cache_allocator(self):
+        """float32: the cache in memory the OS provides as it is first written (cpu_memory.lazy_zeros): no
+        start-up time spent zeroing gigabytes."""
+        from ..cpu_memory import lazy_zeros
+
+        return lazy_zeros if self.model.dtype_name == "float32" else None
+
     def describe(self) -> dict[str, Any]:
         programs = [name for name, program in (("decoder", self.decoder), ("image encoder", self.vision),
                                                ("VQ decoder", self.vq_decoder)) if program is not None]

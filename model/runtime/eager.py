@@ -49,7 +49,11 @@ class EagerRuntime:
 
     def open_cache(self, slots: int, row_length: int) -> None:
         """The KV cache: `slots` rows of `row_length` positions."""
-        self.batch = DecodeBatch(self.model, slots=slots, max_len=row_length)
+        self.batch = DecodeBatch(self.model, slots=slots, max_len=row_length, allocate=self.cache_allocator())
+
+    def cache_allocator(self):
+        """How the cache's buffers are made (KVCache's `allocate`); None: zeroed Paddle tensors."""
+        return None
 
     # ---- what the scheduler reads
 
