@@ -5,6 +5,7 @@ The language model's layers are model/cpu_decoder.py.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ import paddle.nn as nn
 
 from .tensors import from_numpy
 
+log = logging.getLogger(__name__)
 
 class EngineUnavailable(RuntimeError):
     """An OpenVINO program cannot be built here (the openvino package is not installed)."""
@@ -113,18 +115,43 @@ class CompiledCopies:
     unpinned; with Janus-1.3B's sizes (random weights), a one-thread VQ decode (7.3-7.6 s alone)
     and a one-thread image encode (5.3-5.4 s) started together were both done after 14.0 s
     pinned and 7.8 s unpinned. Alone, each took the same time either way.
+
+    `graph`: the OpenVINO model, or a function that makes it. `store`: a ProgramStore
+    (model/cpu_programs.py) to import the compilations from, without calling `graph`, or to save them
+    into once compiled (checked by their digests: a probe of Janus-1.3B's image encoder or VQ decoder
+    takes seconds). `weights_loaded`: whether `graph` can still be made when the store's entry turns out
+    unusable; if not, its ProgramStoreError is raised (the caller loads the weights and asks again).
+    `self.store` is the store it imported from, or None.
     """
 
-    def __init__(self, graph, threads: int, single_thread_copy: bool):
+    def __init__(self, graph, threads: int, single_thread_copy: bool, store=None, weights_loaded: bool = True):
         import openvino
+
+        from .cpu_programs import ProgramStoreError
 
         core = openvino.Core()
         self.threads = threads
         counts = sorted({threads, 1} if single_thread_copy else {threads})
-        self.compiled = {n: core.compile_model(graph, "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": n,
-            "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}) for n in counts}
-        self.requests = {n: compiled.create_infer_request() for n, compiled in self.compiled.items()}
+        configs = [{"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": n,
+                    "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False} for n in counts]
+        self.store, requests = None, None
+        if store is not None and store.complete():
+            try:
+                requests, _ = store.load(core, configs, len(counts))
+                self.store = store
+            except ProgramStoreError as error:  # store.load discarded the entry
+                if not weights_loaded:
+                    raise
+                log.warning("compiled programs in %s not used (%s); building them", store.path, error)
+        if requests is None:
+            model = graph() if callable(graph) else graph
+            compiled = [core.compile_model(model, "CPU", config) for config in configs]
+            del model
+            if store is not None:
+                store.save(compiled, None)
+            requests = [program.create_infer_request() for program in compiled]
+        self.requests = dict(zip(counts, requests))
+        self.compiled = {n: request.get_compiled_model() for n, request in self.requests.items()}
 
     def infer(self, inputs: dict, *, single_thread: bool = False):
         """The outputs of one run, on the one-thread copy if `single_thread` and it was built."""
@@ -137,6 +164,11 @@ def openvino_runtime_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("openvino") is not None
+
+
+# The JanusModel parameters CpuVQDecoder's program holds (by name prefix; the codebook lookup stays eager): what the
+# loader need not read when it is imported from a ProgramStore (model/cpu_programs.py).
+VQ_HELD_PARAMETERS = ("gen_vision_model.post_quant_conv.", "gen_vision_model.decoder.")
 
 
 class CpuVQDecoder:
@@ -166,7 +198,10 @@ class CpuVQDecoder:
     """
 
     def __init__(self, model, *, threads: int | None = None, workdir: str | None = None,
-                 image_tokens: int = 576, single_thread_copy: bool = False, layout_free_norms: bool = True):
+                 image_tokens: int = 576, single_thread_copy: bool = False, layout_free_norms: bool = True,
+                 store=None):
+        """`store`: a ProgramStore to import the program from, or to save it into (CompiledCopies); imported, the
+        decoder's eager weights may be left unloaded (VQ_HELD_PARAMETERS)."""
         if not openvino_runtime_available():
             raise EngineUnavailable("the openvino package is not installed")
         import openvino
@@ -181,15 +216,23 @@ class CpuVQDecoder:
         self.threads = threads or cpu_threads()
         root = tempfile.mkdtemp(prefix="janus-cpu-vq-", dir=workdir)
         started = time.perf_counter()
-        try:
+        def graph():
             part = _VQPart(self.vq, self.side)
             with _layout_free_group_norms(part) if layout_free_norms else contextlib.nullcontext():
                 path = _export(part, part.input_spec("vq"), os.path.join(root, "vq"))
-            self.program = CompiledCopies(openvino.Core().read_model(path + ".pdmodel"), self.threads,
-                                          single_thread_copy)
+            return openvino.Core().read_model(path + ".pdmodel")
+
+        try:
+            self.program = CompiledCopies(graph, self.threads, single_thread_copy, store,
+                                          weights_loaded=self.vq.post_quant_conv.weight._is_initialized())
         finally:
             shutil.rmtree(root, ignore_errors=True)  # compiled: the weights live in OpenVINO now
         self.build_seconds = time.perf_counter() - started
+
+    @property
+    def store(self):
+        """The ProgramStore its program was imported from, or None (built)."""
+        return self.program.store
 
     def latent(self, codes) -> np.ndarray:
         codes = np.asarray(codes, np.int64)

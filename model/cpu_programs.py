@@ -18,13 +18,18 @@ Imports map each blob into memory (np.memmap, copy-on-write): OpenVINO keeps the
 original constants alive beside the packed copy it computes with, as after a compile
 (model/cpu_memory.py). Here those constants are pages of the file: they are dropped after the
 import and, unlike a compile's, could be read back from the file if OpenVINO ever needed them.
-Every imported program must then give exactly the outputs it gave when it was exported (probe
-inputs, model/cpu_memory.snapshot); if not, or if anything else fails, the entry is discarded and
-the caller builds from the weights.
+Every imported program is then checked: by default it must give exactly the outputs it gave when it
+was exported (probe inputs, model/cpu_memory.snapshot); an entry saved without probe outputs (for
+programs whose probe would take seconds: the image encoder, the VQ decoder) is checked by its blobs'
+SHA-256 digests instead, before the import (about 0.6 s per GB). If the check fails, or anything else
+does, the entry is discarded and the caller builds from the weights.
 
-    store = ProgramStore.for_checkpoint(folder, cache_root, builder_source, precision=..., threads=...)
+An entry may also keep small arrays computed from its programs (`put_array`, `array`: the preview
+palette beside the VQ decoder); a missing or unreadable one reads as None.
+
+    store = ProgramStore.for_checkpoint(folder, cache_root, builder_sources, precision=..., threads=...)
     if store.complete(): requests, manifest = store.load(core, config, count)   # raises ProgramStoreError
-    else: ...build...; store.save(compiled_models, snapshot)
+    else: ...build...; store.save(compiled_models, snapshot)      # or snapshot None: checked by digests
 """
 from __future__ import annotations
 
@@ -85,12 +90,18 @@ class ProgramStore:
         self._maps: list[np.ndarray] = []  # the blobs load() imported, mapped as long as their programs live
 
     @classmethod
-    def for_checkpoint(cls, folder, root, builder_source: str | os.PathLike, **settings) -> "ProgramStore":
+    def for_checkpoint(cls, folder, root, builder_source, **settings) -> "ProgramStore":
+        """`builder_source`: the source file (or a list of them) of the code that builds the programs."""
         import openvino
 
-        source = Path(builder_source)
-        return cls(root, {"format": FORMAT, "checkpoint": checkpoint_fingerprint(folder), "builder": source.name,
-                          "builder_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        sources = [Path(builder_source)] if isinstance(builder_source, (str, os.PathLike)) else \
+            [Path(path) for path in builder_source]
+        digest = hashlib.sha256()
+        for source in sources:
+            digest.update(source.read_bytes())
+        return cls(root, {"format": FORMAT, "checkpoint": checkpoint_fingerprint(folder),
+                          "builder": "+".join(source.name for source in sources),
+                          "builder_sha256": digest.hexdigest(),
                           "openvino": openvino.__version__, "cpu": cpu_identity(), **settings})
 
     def complete(self) -> bool:
@@ -99,23 +110,27 @@ class ProgramStore:
     def manifest(self) -> dict:
         return json.loads((self.path / MANIFEST).read_text())
 
-    def save(self, compiled: list, probes: list[np.ndarray], extra: dict | None = None) -> bool:
-        """Write the compiled programs and their probe outputs as this entry; False (logged) if it cannot be
-        written (no space, no permission): serving goes on without it."""
+    def save(self, compiled: list, probes: list[np.ndarray] | None, extra: dict | None = None) -> bool:
+        """Write the compiled programs and their probe outputs (None: their digests, to check them by) as this
+        entry; False (logged) if it cannot be written (no space, no permission): serving goes on without it."""
         temp = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             temp = Path(tempfile.mkdtemp(prefix=".writing-", dir=self.root))
-            sizes = []
+            sizes, digests = [], []
             for index, program in enumerate(compiled):
                 blob = program.export_model().getbuffer()
                 with open(temp / f"{index:03d}.blob", "wb") as f:
                     f.write(blob)
                 sizes.append(blob.nbytes)
+                if probes is None:
+                    digests.append(hashlib.sha256(blob).hexdigest())
                 del blob
-            np.savez(temp / "probes.npz", *probes)
+            checks = {"sha256": digests} if probes is None else {}
+            if probes is not None:
+                np.savez(temp / "probes.npz", *probes)
             (temp / MANIFEST).write_text(json.dumps({"key": self.key, "programs": len(compiled), "bytes": sizes,
-                                                     **(extra or {})}, indent=1))
+                                                     **checks, **(extra or {})}, indent=1))
             self._remove_stale()
             os.rename(temp, self.path)  # fails if another worker wrote the same entry meanwhile: theirs stays
             temp = None
@@ -143,16 +158,17 @@ class ProgramStore:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
 
-    def load(self, core, config: dict, programs: int) -> tuple[list, dict]:
-        """The entry's `programs` programs as infer requests, checked against their recorded outputs, and its
-        manifest (with what save() was given as `extra`); raises
-        ProgramStoreError (after discarding the entry) if it holds another number, or any is missing,
-        unreadable or different. The blobs stay mapped as long as this store lives: keep it beside the
-        programs."""
+    def load(self, core, config: dict | list[dict], programs: int) -> tuple[list, dict]:
+        """The entry's `programs` programs as infer requests (compiled with `config`, or config[i] for the i-th),
+        checked against their recorded outputs or digests, and its manifest (with what save() was given as
+        `extra`); raises ProgramStoreError (after discarding the entry) if it holds another number, or any is
+        missing, unreadable or different. The blobs stay mapped as long as this store lives: keep it beside
+        the programs."""
         import openvino
 
         from .cpu_memory import drop_pages, same_outputs
 
+        configs = config if isinstance(config, list) else [config] * programs
         try:
             manifest = self.manifest()
             if manifest["programs"] != programs:
@@ -160,14 +176,17 @@ class ProgramStore:
             maps, requests = [], []
             for index in range(manifest["programs"]):
                 blob = np.memmap(self.path / f"{index:03d}.blob", dtype=np.uint8, mode="c")
+                if "sha256" in manifest and hashlib.sha256(blob).hexdigest() != manifest["sha256"][index]:
+                    raise ProgramStoreError(f"program {index} is not the one saved (its digest differs)")
                 maps.append(blob)  # OpenVINO's constants point into it: kept mapped for the program's lifetime
-                program = core.import_model(openvino.Tensor(blob, shared_memory=True), "CPU", config)
+                program = core.import_model(openvino.Tensor(blob, shared_memory=True), "CPU", configs[index])
                 requests.append(program.create_infer_request())
             drop_pages(maps)
-            with np.load(self.path / "probes.npz") as recorded:
-                expected = [recorded[f"arr_{i}"] for i in range(len(recorded.files))]
-            if not same_outputs(requests, expected):
-                raise ProgramStoreError("the imported programs do not give the outputs they gave when saved")
+            if "sha256" not in manifest:
+                with np.load(self.path / "probes.npz") as recorded:
+                    expected = [recorded[f"arr_{i}"] for i in range(len(recorded.files))]
+                if not same_outputs(requests, expected):
+                    raise ProgramStoreError("the imported programs do not give the outputs they gave when saved")
         except Exception as error:  # noqa: BLE001 - whatever went wrong, the entry is not to be used
             self.discard()
             if isinstance(error, ProgramStoreError):
@@ -178,3 +197,23 @@ class ProgramStore:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def put_array(self, name: str, value: np.ndarray) -> bool:
+        """Keep `value` in this (complete) entry as `name`; False if there is no entry or it cannot be written."""
+        if not self.complete():
+            return False
+        temp = self.path / f".{name}.npy"
+        try:
+            np.save(temp, np.asarray(value))
+            os.replace(temp, self.path / f"{name}.npy")
+            return True
+        except OSError as error:
+            log.warning("%s not saved in %s (%s)", name, self.path, error)
+            return False
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The array put_array kept as `name`, or None."""
+        try:
+            return np.load(self.path / f"{name}.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return None

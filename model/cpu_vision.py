@@ -32,6 +32,11 @@ from .cpu_engine import CompiledCopies, EngineUnavailable, cpu_threads, openvino
 from .tensors import float32_view, from_numpy
 
 
+# The JanusModel parameters the program holds (by name prefix): what the loader need not read when it is imported
+# from a ProgramStore (model/cpu_programs.py).
+HELD_PARAMETERS = ("vision_model.", "aligner.")
+
+
 class CpuVisionEncoder:
     """SigLIP + aligner of a float32 JanusModel, compiled by OpenVINO for the CPU.
 
@@ -42,9 +47,11 @@ class CpuVisionEncoder:
     """
 
     def __init__(self, model, *, threads: int | None = None, single_thread_copy: bool = False,
-                 release_eager: bool = False):
+                 release_eager: bool = False, store=None):
         """`release_eager`: free the eager encoder's and aligner's weights once compiled (OpenVINO holds its own
-        copy; model.encode_images then fails: the caller runs this encoder instead)."""
+        copy; model.encode_images then fails: the caller runs this encoder instead). `store`: a ProgramStore
+        to import the program from, or to save it into (CompiledCopies); imported, the eager weights may be
+        left unloaded (HELD_PARAMETERS)."""
         if not openvino_runtime_available():
             raise EngineUnavailable("the openvino package is not installed")
         vision, aligner = model.vision_model, model.aligner
@@ -54,10 +61,10 @@ class CpuVisionEncoder:
         self.config = vision.config
         self.threads = threads or cpu_threads()
         self._shared: list[np.ndarray] = []  # the eager memory the graph's constants point into
-        graph = self._graph(vision, aligner, None if release_eager else self._shared)
-        self.program = CompiledCopies(graph, self.threads, single_thread_copy)
-        self.hidden = int(graph.output(0).get_partial_shape()[2].get_length())
-        del graph
+        self.program = CompiledCopies(lambda: self._graph(vision, aligner, None if release_eager else self._shared),
+                                      self.threads, single_thread_copy, store,
+                                      weights_loaded=vision.pos_embed._is_initialized())
+        self.hidden = int(self.program.compiled[self.threads].output(0).get_partial_shape()[2].get_length())
         if release_eager:  # the program's constants are copies: the eager weights can go
             from .cpu_memory import trim_heap
 
@@ -121,6 +128,11 @@ class CpuVisionEncoder:
         for layer in aligner.layers:
             x = gelu(x) if isinstance(layer, paddle.nn.GELU) else linear(x, layer)
         return openvino.Model([x], [pixels], "janus_vision")
+
+    @property
+    def store(self):
+        """The ProgramStore its program was imported from, or None (built)."""
+        return self.program.store
 
     def encode(self, pixel_values, *, single_thread: bool = False) -> np.ndarray:
         """[N, 3, size, size] pixels in [-1, 1] -> [N, tokens, hidden] float32 features.

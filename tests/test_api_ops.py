@@ -48,8 +48,10 @@ def test_health_and_ready_need_no_api_key(server):
     assert (worker["worker"], worker["device"], worker["runtime"], worker["precision"]) == (0, "cpu", "cpu", "exact")
     assert "decoder" in worker["programs"] and worker["prefill"] == "inline"
     assert worker["decoder_programs"] in ("built", "imported")  # imported when an earlier server saved them
-    assert set(worker["startup_s"]) == {"load_s", "runtime_s", "cache_s"} and all(
-        seconds >= 0 for seconds in worker["startup_s"].values())
+    startup = dict(worker["startup_s"])
+    parts = startup.pop("programs_s")
+    assert set(startup) == {"load_s", "runtime_s", "cache_s"} and all(seconds >= 0 for seconds in startup.values())
+    assert set(parts) == set(worker["programs"]) and sum(parts.values()) <= startup["runtime_s"] + 0.2
 
 
 def test_metrics_count_requests_and_read_engine_stats(server, client):

@@ -1,4 +1,4 @@
-"""model/cpu_programs.py: the CPU decoder's compiled programs saved at one start and imported at the next, in
+"""model/cpu_programs.py: the CPU runtime's compiled programs saved at one start and imported at the next, in
 place of the language model's weights; and what happens when an entry is stale, damaged or cannot be written."""
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import pytest  # noqa: E402
 from model.cpu_decoder import HELD_PARAMETERS, CpuDecoder  # noqa: E402
 from model.cpu_programs import ProgramStoreError  # noqa: E402
 from model.loader import load_model  # noqa: E402
-from model.runtime.cpu import decoder_store  # noqa: E402
+from model.cpu_engine import VQ_HELD_PARAMETERS, CpuVQDecoder  # noqa: E402
+from model.cpu_vision import HELD_PARAMETERS as VISION_HELD_PARAMETERS  # noqa: E402
+from model.cpu_vision import CpuVisionEncoder  # noqa: E402
+from model.runtime.cpu import decoder_store, vision_store, vq_store  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "janus-tiny"
 
@@ -116,3 +119,48 @@ def test_an_entry_that_cannot_be_written_is_only_logged(checkpoint, tmp_path, ca
     decoder = CpuDecoder(model, threads=2, store=store)
     assert not store.complete() and "not saved" in caplog.text
     assert np.isfinite(hidden(decoder, model)).all()
+
+
+def test_the_image_programs_are_imported_without_their_weights_and_checked_by_digest(checkpoint, tmp_path):
+    """The image encoder and the VQ decoder (a probe of each takes seconds at Janus-1.3B's sizes) are checked by
+    their blobs' digests: the same bits come back, and a changed blob is discarded."""
+    root = str(tmp_path / "programs")
+    model = load_model(checkpoint)
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 3, 384, 384)).astype(np.float32)
+    codes = np.random.default_rng(1).integers(0, model.config.gen_vision.codebook_size, (2, 576))
+    built_vision = CpuVisionEncoder(model, threads=2, store=vision_store(str(checkpoint), root, threads=2))
+    built_vq = CpuVQDecoder(model, threads=2, store=vq_store(str(checkpoint), root, threads=2))
+    assert built_vision.store is None and built_vq.store is None
+    want = built_vision.encode(pixels), built_vq.decode(codes)
+
+    skipped = load_model(checkpoint, skip=VISION_HELD_PARAMETERS + VQ_HELD_PARAMETERS)
+    assert not skipped.vision_model.pos_embed._is_initialized()
+    assert not skipped.gen_vision_model.post_quant_conv.weight._is_initialized()
+    assert skipped.gen_vision_model.codebook.weight._is_initialized()  # the lookup stays eager
+    vision = CpuVisionEncoder(skipped, threads=2, store=(stored := vision_store(str(checkpoint), root, threads=2)))
+    vq = CpuVQDecoder(skipped, threads=2, store=vq_store(str(checkpoint), root, threads=2))
+    assert vision.store is stored and vq.store is not None and "sha256" in stored.manifest()
+    np.testing.assert_array_equal(vision.encode(pixels), want[0])
+    np.testing.assert_array_equal(vq.decode(codes), want[1])
+
+    blob = stored.path / "000.blob"
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ProgramStoreError, match="digest"):
+        CpuVisionEncoder(skipped, threads=2, store=stored)
+    assert not stored.complete()
+    rebuilt = CpuVisionEncoder(model, threads=2, store=stored)  # with its weights: built and saved again
+    assert rebuilt.store is None and stored.complete()
+    np.testing.assert_array_equal(rebuilt.encode(pixels), want[0])
+
+
+def test_an_entry_keeps_small_arrays_beside_its_programs(checkpoint, tmp_path):
+    store = vq_store(str(checkpoint), str(tmp_path / "programs"), threads=2)
+    palette = np.arange(12, dtype=np.uint8).reshape(4, 3)
+    assert not store.put_array("palette", palette)  # no entry yet
+    CpuVQDecoder(load_model(checkpoint), threads=2, store=store)
+    assert store.array("palette") is None and store.put_array("palette", palette)
+    np.testing.assert_array_equal(store.array("palette"), palette)
+    (store.path / "palette.npy").write_bytes(b"damaged")
+    assert store.array("palette") is None

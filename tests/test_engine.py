@@ -471,20 +471,33 @@ def test_outbox_sends_in_order_and_drops_messages_once_nobody_reads():
     outbox.put(("after",))  # no BrokenPipeError
 
 
-def test_a_second_start_imports_the_decoder_programs_the_first_saved(loop, tmp_path):
-    """The first worker builds the CPU decoder's programs and saves them under <home>/programs; the next one,
-    with the same checkpoint and settings, imports them without reading the layers' weights, and answers the
-    same."""
-    answers, how = [], []
+def test_a_second_start_imports_the_programs_the_first_saved(loop, tmp_path):
+    """The first worker builds the CPU runtime's programs (decoder, image encoder, VQ decoder) and saves them
+    under <home>/programs with the preview palette; the next one, with the same checkpoint and settings, imports
+    them without reading their weights, and answers the same: text, images and previews."""
+
+    async def draw(engine):
+        previews, result = [], None
+        async for event in engine.generate_images_stream(GenerateRequest(prompt="a tree", seed=1, preview_every=200)):
+            if isinstance(event, ProgressEvent):
+                previews += [] if event.previews is None else [event.previews.tobytes()]
+            else:
+                result = event
+        return previews, outcome(result)
+
+    answers, how, imported = [], [], []
     for _ in range(2):
         engine = start_engine(loop, tmp_path)
         try:
             how.append(engine.runtimes[0]["decoder_programs"])
-            answers.append(loop.run(engine.understand(understand_request(5))).token_ids)
+            imported.append(engine.runtimes[0]["imported"])
+            answers.append((loop.run(engine.understand(understand_request(5))).token_ids, loop.run(draw(engine))))
         finally:
             loop.run(engine.stop())
-    assert how == ["built", "imported"] and answers[0] == answers[1]
-    assert len([entry for entry in (tmp_path / "programs").iterdir()]) == 1
+    assert how == ["built", "imported"] and answers[0] == answers[1] and len(answers[0][1][0]) == 2
+    assert imported == [[], ["decoder", "image encoder", "VQ decoder"]]
+    entries = list((tmp_path / "programs").iterdir())
+    assert len(entries) == 3 and sum((entry / "palette.npy").is_file() for entry in entries) == 1  # one per program
     # "off": neither imported nor saved
     engine = start_engine(loop, tmp_path / "other", program_cache="off")
     try:

@@ -103,6 +103,49 @@ def decoder_store(model_path: str, folder: str, precision: str, threads: int | N
                                        threads=threads or cpu_threads())
 
 
+def vision_store(model_path: str, folder: str, threads: int | None = None):
+    """The ProgramStore entry of the image encoder's program (one copy, on every thread: beside the decoder)."""
+    from .. import cpu_engine, cpu_vision
+    from ..cpu_programs import ProgramStore
+
+    return ProgramStore.for_checkpoint(model_path, folder, [cpu_vision.__file__, cpu_engine.__file__],
+                                       program="image encoder", threads=threads or cpu_threads())
+
+
+def vq_store(model_path: str, folder: str, threads: int | None = None):
+    """The ProgramStore entry of the VQ decoder's program (exported from model/vq.py's layers) and its preview
+    palette."""
+    from .. import cpu_engine, vq
+    from ..cpu_programs import ProgramStore
+
+    return ProgramStore.for_checkpoint(model_path, folder, [cpu_engine.__file__, vq.__file__],
+                                       program="VQ decoder", threads=threads or cpu_threads())
+
+
+def program_stores(model_path: str, folder: str, *, cpu_engine: str, cpu_precision: str, cpu_vision: str,
+                   cpu_vq: str) -> dict:
+    """The ProgramStore entries of the OpenVINO programs CpuRuntime builds with these settings, by name (as
+    describe() names them). The image encoder's only beside the OpenVINO decoder (alone, it is compiled twice)."""
+    stores = {}
+    if cpu_engine != "eager":
+        stores["decoder"] = decoder_store(model_path, folder, cpu_precision)
+        if cpu_vision != "eager":
+            stores["image encoder"] = vision_store(model_path, folder)
+    if cpu_vq != "eager":
+        stores["VQ decoder"] = vq_store(model_path, folder)
+    return stores
+
+
+def held_parameters(stores: dict) -> tuple[str, ...]:
+    """The parameters the loader need not read: those of the programs whose entries in `stores` are complete."""
+    from ..cpu_decoder import HELD_PARAMETERS as DECODER
+    from ..cpu_engine import VQ_HELD_PARAMETERS as VQ
+    from ..cpu_vision import HELD_PARAMETERS as VISION
+
+    held = {"decoder": DECODER, "image encoder": VISION, "VQ decoder": VQ}
+    return tuple(prefix for name, store in stores.items() if store.complete() for prefix in held[name])
+
+
 def make_cpu_program(what: str, choice: str, build):
     """An OpenVINO program from `build()` when asked for ("openvino"), or with "auto" when the openvino
     package is installed; None (eager Paddle) otherwise, or when "auto" cannot build it."""
@@ -129,8 +172,9 @@ class CpuRuntime(EagerRuntime):
     name = "cpu"
 
     def __init__(self, model, *, eos_id: int, pad_id: int, cpu_engine: str = "auto", cpu_precision: str = "exact",
-                 cpu_vq: str = "auto", cpu_vision: str = "auto", previews: bool = True, program_store=None):
-        """`program_store`: where the decoder's compiled programs are imported from or saved (decoder_store)."""
+                 cpu_vq: str = "auto", cpu_vision: str = "auto", previews: bool = True, program_stores=None):
+        """`program_stores`: where the compiled programs are imported from or saved, by name (program_stores);
+        the VQ decoder's entry also keeps the preview palette."""
         from ..cpu_decoder import CpuDecoder, check_precision
 
         limit_blas_threads()
@@ -138,8 +182,10 @@ class CpuRuntime(EagerRuntime):
             raise ValueError(f"--cpu-precision {cpu_precision} needs the OpenVINO decoder, not --cpu-engine eager")
         if cpu_engine != "eager":
             check_precision(cpu_precision)  # before minutes of building: a clear refusal (bf16 without the CPU for it)
-        self.decoder = make_cpu_program("decoder", cpu_engine, lambda: CpuDecoder(
-            model, precision=cpu_precision, release_eager=True, store=program_store))
+        self.build_s: dict[str, float] = {}  # seconds each program took to build or import
+        self.stores = stores = dict(program_stores or {})
+        self.decoder = self.timed("decoder", cpu_engine, lambda: CpuDecoder(
+            model, precision=cpu_precision, release_eager=True, store=stores.get("decoder")))
         if self.decoder is not None:
             one_blas_thread()
         if self.decoder is None and cpu_precision != "exact":
@@ -153,9 +199,10 @@ class CpuRuntime(EagerRuntime):
         # Beside the prefill thread the image encoder runs on one core while rows step (a second compiled copy);
         # with the decoder, prompts are prefilled in the loop, on every core, and one copy does.
         inline = self.decoder is not None
-        self.vision = make_cpu_program("image encoder", cpu_vision, lambda: CpuVisionEncoder(
-            model, single_thread_copy=not inline, release_eager=inline))
-        self.vq_decoder = make_cpu_program("VQ decoder", cpu_vq, lambda: CpuVQDecoder(model))
+        self.vision = self.timed("image encoder", cpu_vision, lambda: CpuVisionEncoder(
+            model, single_thread_copy=not inline, release_eager=inline,
+            store=stores.get("image encoder") if inline else None))
+        self.vq_decoder = self.timed("VQ decoder", cpu_vq, lambda: CpuVQDecoder(model, store=stores.get("VQ decoder")))
         self.cores = cpu_threads()
         self.step_threads = self.cores
         self.prefills: dict[str, Prefill] = {}  # in the thread or done, not yet joined
@@ -168,12 +215,35 @@ class CpuRuntime(EagerRuntime):
         if self.vq_decoder is not None:
             threading.Thread(target=self.vq_loop, name="vq-decode", daemon=True).start()
 
+    def timed(self, what: str, choice: str, build):
+        """make_cpu_program, its seconds kept in build_s."""
+        started = time.perf_counter()
+        program = make_cpu_program(what, choice, build)
+        if program is not None:
+            self.build_s[what] = round(time.perf_counter() - started, 1)
+        return program
+
     def open_cache(self, slots: int, row_length: int) -> None:
         super().open_cache(slots, row_length)
         if self.decoder is not None:
             self.batch.forward_hidden = self.decoder.forward_hidden
         if self.vision is not None:
             self.batch.encode_images = self.encode_images
+
+    def fit_palette(self):
+        """The preview palette kept beside the VQ decoder's imported program, else fitted (one VQ decode: seconds
+        at Janus-1.3B's sizes) and kept there for the next start."""
+        from ..preview import PreviewPalette
+
+        store = self.stores.get("VQ decoder") if self.vq_decoder is not None else None
+        if store is not None and self.vq_decoder.store is store:
+            colors = store.array("palette")
+            if colors is not None and colors.shape == (self.model.config.gen_vision.codebook_size, 3):
+                return PreviewPalette(colors.astype(np.uint8))
+        palette = super().fit_palette()
+        if store is not None:
+            store.put_array("palette", palette.colors)
+        return palette
 
     def cache_allocator(self):
         """float32: the cache in memory the OS provides as it is first written (cpu_memory.lazy_zeros): no
@@ -185,10 +255,14 @@ class CpuRuntime(EagerRuntime):
     def describe(self) -> dict[str, Any]:
         programs = [name for name, program in (("decoder", self.decoder), ("image encoder", self.vision),
                                                ("VQ decoder", self.vq_decoder)) if program is not None]
-        described = {**super().describe(), "programs": programs, "prefill": "thread" if self.prefill_thread else "inline"}
+        described = {**super().describe(), "programs": programs, "prefill": "thread" if self.prefill_thread else "inline",
+                     "programs_s": dict(self.build_s)}
         if self.decoder is not None:
             described["precision"] = self.decoder.precision
             described["decoder_programs"] = "imported" if self.decoder.store is not None else "built"
+        described["imported"] = [name for name, program in (("decoder", self.decoder), ("image encoder", self.vision),
+                                                            ("VQ decoder", self.vq_decoder))
+                                 if program is not None and program.store is not None]
         return described
 
     # ---- prefills in the background

@@ -31,27 +31,29 @@ def load(model_path: str, dtype: str, device: str, skip: tuple[str, ...] = ()):
     return load_model(model_path, dtype=None if dtype == "auto" else dtype, device=device, skip=skip)
 
 
-def program_store(device: str, model_path: str, folder: str | None, *, cpu_engine: str, cpu_precision: str):
-    """Where the CPU decoder's compiled programs for this checkpoint and precision are kept between starts
-    (model/cpu_programs.py): None off CPU, without a folder, or without the OpenVINO decoder."""
-    if device != "cpu" or not folder or cpu_engine == "eager":
-        return None
+def program_stores(device: str, model_path: str, folder: str | None, *, cpu_engine: str, cpu_precision: str,
+                   cpu_vision: str, cpu_vq: str) -> dict:
+    """Where the CPU runtime's compiled programs for this checkpoint and settings are kept between starts
+    (model/cpu_programs.py), by program: none off CPU, without a folder, or without OpenVINO."""
+    if device != "cpu" or not folder:
+        return {}
     from ..cpu_engine import openvino_runtime_available
 
     if not openvino_runtime_available():
-        return None
-    from .cpu import decoder_store
+        return {}
+    from .cpu import program_stores as cpu_program_stores
 
-    return decoder_store(model_path, folder, cpu_precision)
+    return cpu_program_stores(model_path, folder, cpu_engine=cpu_engine, cpu_precision=cpu_precision,
+                              cpu_vision=cpu_vision, cpu_vq=cpu_vq)
 
 
-def held_parameters(store) -> tuple[str, ...]:
-    """The parameters the loader need not read: those of programs `store` already holds."""
-    if store is None or not store.complete():
+def held_parameters(stores: dict) -> tuple[str, ...]:
+    """The parameters the loader need not read: those of programs `stores` already holds."""
+    if not stores:
         return ()
-    from ..cpu_decoder import HELD_PARAMETERS
+    from .cpu import held_parameters as held
 
-    return HELD_PARAMETERS
+    return held(stores)
 
 
 def gpu_memory(device: str) -> tuple[int, int]:
@@ -81,14 +83,14 @@ def cuda_free_bytes(index: int) -> int | None:
 
 
 def make_runtime(model, device: str, *, eos_id: int, pad_id: int, cpu_engine: str = "auto",
-                 cpu_precision: str = "exact", cpu_vq: str = "auto", cpu_vision: str = "auto", program_store=None):
+                 cpu_precision: str = "exact", cpu_vq: str = "auto", cpu_vision: str = "auto", program_stores=None):
     """The CPU runtime on CPU (model/runtime/cpu.py), eager Paddle elsewhere; its cache comes later
     (runtime.open_cache)."""
     if device == "cpu":
         from .cpu import CpuRuntime
 
         return CpuRuntime(model, eos_id=eos_id, pad_id=pad_id, cpu_engine=cpu_engine, cpu_precision=cpu_precision,
-                          cpu_vq=cpu_vq, cpu_vision=cpu_vision, program_store=program_store)
+                          cpu_vq=cpu_vq, cpu_vision=cpu_vision, program_stores=program_stores)
     from .eager import EagerRuntime
 
     return EagerRuntime(model, eos_id=eos_id, pad_id=pad_id)

@@ -43,9 +43,12 @@ class EagerRuntime:
         self.device = str(paddle.get_device())
         self.palette = None
         if previews:
-            from ..preview import PreviewPalette
+            self.palette = self.fit_palette()
 
-            self.palette = PreviewPalette.fit(model.gen_vision_model.codebook.weight.numpy(), self.decode)
+    def fit_palette(self):
+        from ..preview import PreviewPalette
+
+        return PreviewPalette.fit(self.model.gen_vision_model.codebook.weight.numpy(), self.decode)
 
     def open_cache(self, slots: int, row_length: int) -> None:
         """The KV cache: `slots` rows of `row_length` positions."""

@@ -94,6 +94,7 @@ class WorkerHandle:
         self.runtime = ""  # which runtime it runs (model/runtime/)
         self.precision = ""  # its compute precision: the OpenVINO decoder's on CPU ("exact", "int8"...), else the dtype
         self.decoder_programs = ""  # the CPU decoder's programs: "built" at this start, or "imported" (cpu_programs.py)
+        self.imported: list[str] = []  # the OpenVINO programs imported from an earlier start's, not built
         self.startup: dict[str, float] = {}  # seconds it took to load, build its runtime and open its cache
         self.steps = 0
         self.batch_rows = 0  # cache rows in use, as the worker itself last reported
@@ -316,7 +317,8 @@ class EngineClient:
     def runtimes(self) -> list[dict[str, Any]]:
         """How each ready worker runs: its runtime, precision, OpenVINO programs, prefills and start-up times."""
         return [{"worker": w.index, "device": w.cache.get("device"), "runtime": w.runtime, "precision": w.precision,
-                 "programs": w.programs, "decoder_programs": w.decoder_programs, "prefill": w.prefill,
+                 "programs": w.programs, "decoder_programs": w.decoder_programs, "imported": w.imported,
+                 "prefill": w.prefill,
                  "startup_s": w.startup} for w in self._workers if w.ready and w.alive]
 
     def stats(self) -> EngineStats:
@@ -616,14 +618,18 @@ class EngineClient:
             worker.runtime = info.get("runtime", "")
             worker.precision = info.get("precision", "")
             worker.decoder_programs = info.get("decoder_programs", "")
+            worker.imported = list(info.get("imported", []))
             worker.startup = startup = info.get("startup", {})
             log.info("worker %d ready on %s: %s runtime, precision %s (OpenVINO: %s%s; understanding prefills: %s); "
-                     "%s; loaded in %s s, runtime built in %s s, cache in %s s",
+                     "%s; loaded in %s s, runtime built in %s s%s, cache in %s s",
                      worker.index, info["device"], worker.runtime, worker.precision,
                      ", ".join(worker.programs) or "none",
-                     f"; decoder programs {worker.decoder_programs}" if worker.decoder_programs else "",
+                     f"; imported: {', '.join(worker.imported) or 'none'}" if worker.programs else "",
                      PREFILL_WHERE[worker.prefill], info.get("cache_summary", ""),
-                     startup.get("load_s"), startup.get("runtime_s"), startup.get("cache_s"))
+                     startup.get("load_s"), startup.get("runtime_s"),
+                     "".join(f" ({', '.join(f'{name} {s} s' for name, s in parts.items())})"
+                             for parts in [startup.get("programs_s")] if parts),
+                     startup.get("cache_s"))
             self._wake.set()
         elif kind == "fatal":
             worker.fatal = message[1]

@@ -12,6 +12,7 @@ Messages out: ("ready", info) | ("fatal", message) | ("events", [event, ...], st
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import threading
@@ -103,21 +104,24 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         ignore_stop_signals()  # after Paddle's import, which installs its own SIGTERM handler
         device = support.pick_device(config.device)
         started = time.monotonic()
-        store = support.program_store(device, config.model_path, config.program_cache, cpu_engine=config.cpu_engine,
-                                      cpu_precision=config.cpu_precision)
-        model = support.load(config.model_path, config.dtype, device, skip=support.held_parameters(store))
+        stores = support.program_stores(device, config.model_path, config.program_cache, cpu_engine=config.cpu_engine,
+                                        cpu_precision=config.cpu_precision, cpu_vision=config.cpu_vision,
+                                        cpu_vq=config.cpu_vq)
+        model = support.load(config.model_path, config.dtype, device, skip=support.held_parameters(stores))
         loaded = time.monotonic()
         weights_bytes = device_memory(device, support)[1]
         try:
-            runtime = make_runtime(config, support, model, device, store)
+            runtime = make_runtime(config, support, model, device, stores)
         except ProgramStoreError as error:  # the entry is gone, and the weights it held were not read
-            log.warning("compiled programs in %s not used (%s); loading the weights and building them", store.path,
-                        error)
+            log.warning("compiled programs not used (%s); loading the weights and building them", error)
+            runtime = None
+        if runtime is None:  # out of the except block: its traceback no longer holds the programs made so far
             del model
+            gc.collect()
             model = support.load(config.model_path, config.dtype, device)
             loaded = time.monotonic()
             weights_bytes = device_memory(device, support)[1]
-            runtime = make_runtime(config, support, model, device, store)
+            runtime = make_runtime(config, support, model, device, stores)
         # Everything but the cache is in memory now: what is left decides its size.
         built = time.monotonic()
         plan = plan_worker_cache(config, model, *device_memory(device, support))
@@ -130,16 +134,18 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
     except Exception as error:  # noqa: BLE001 - the parent reports it and stops retrying
         outbox.put(("fatal", f"{type(error).__name__}: {error}"))
         return
-    outbox.put(("ready", {**runtime.describe(), "cache": {**plan.info(), "weights_bytes": weights_bytes},
+    described = runtime.describe()
+    startup["programs_s"] = described.pop("programs_s", {})  # the runtime's part, program by program
+    outbox.put(("ready", {**described, "cache": {**plan.info(), "weights_bytes": weights_bytes},
                           "cache_summary": f"{plan.describe()} (the weights alone {gb(weights_bytes)})",
                           "startup": startup, "pid": os.getpid()}))
     Scheduler(runtime, inbox, outbox, max_running_requests=config.max_running_requests).run()
 
 
-def make_runtime(config: WorkerConfig, support, model, device: str, store):
+def make_runtime(config: WorkerConfig, support, model, device: str, stores: dict):
     return support.make_runtime(model, device, eos_id=config.eos_id, pad_id=config.pad_id,
                                 cpu_engine=config.cpu_engine, cpu_precision=config.cpu_precision, cpu_vq=config.cpu_vq,
-                                cpu_vision=config.cpu_vision, program_store=store)
+                                cpu_vision=config.cpu_vision, program_stores=stores)
 
 
 def ignore_stop_signals() -> None:
