@@ -195,6 +195,12 @@ class ProgramStore:
         self._maps = maps
         return requests, manifest
 
+    def release_pages(self) -> None:
+        """Give back the pages of the imported blobs that are resident again (read back from the file)."""
+        from .cpu_memory import drop_pages
+
+        drop_pages(self._maps)
+
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
