@@ -8,7 +8,8 @@ versions compared in one run) with no tuning flags and reports:
     seconds to /ready, and the KV cache the worker chose (from /ready)
     peak resident memory of the server's process tree (the sum over its processes, sampled every
     0.2 s; and each process's own peak, VmHWM)
-    one understanding request (one image, greedy): first-token time, ms per later token
+    one understanding request (one image, greedy): its prompt's length, first-token time, ms per later token
+    (time the official code with that --prompt-len)
     with --understand-concurrency 1,8: that many requests at once, tokens/s over all
     one image (/generate, n=1): seconds
     with --images-together 4: that many image requests at once (n=1 each), images/s over all of them
@@ -199,7 +200,8 @@ def understand(client, tokens: int, question: str = "Describe this picture.") ->
     total = time.perf_counter() - started
     made = usage["completion_tokens"] if usage else 0
     per_token = (total - first) / (made - 1) * 1e3 if first is not None and made > 1 else float("nan")
-    return {"first_token_s": first, "ms_per_token": per_token, "tokens": made, "total_s": total}
+    return {"first_token_s": first, "ms_per_token": per_token, "tokens": made, "total_s": total,
+            "prompt_tokens": usage["prompt_tokens"] if usage else None}
 
 
 def understand_together(url: str, tokens: int, concurrency: int) -> dict:
@@ -356,7 +358,7 @@ def report(r: dict) -> None:
                   f"(the weights alone {cache['weights_bytes'] / 1e9:.1f} GB)")
     if "understand" in r:
         u = r["understand"]
-        print(f"understanding (1 image, {u['tokens']} tokens): first token {u['first_token_s']:.1f} s, "
+        print(f"understanding (1 image, a {u['prompt_tokens']}-token prompt, {u['tokens']} tokens): first token {u['first_token_s']:.1f} s, "
               f"then {u['ms_per_token']:.0f} ms per token; {u['total_s']:.1f} s in all")
     for level in r.get("understand_together", []):
         print(f"understanding, {level['concurrency']} at once ({level['tokens']} tokens): {level['tokens_per_s']:.2f} "
