@@ -23,14 +23,13 @@ One copy of the weights: OpenVINO packs each program's weights into its own memo
 it compiles (checked by tests/test_cpu_engine.py, which poisons the eager memory after
 the build), so the eager copies of the layers' weights and the final norm are freed then
 (`release_eager=True`, what the worker does). model.forward_hidden then fails loudly;
-every call, prefill included, goes through this decoder. Embeddings and heads stay eager.
+every call, prefill included, goes through this decoder. Embeddings stay eager; the heads are model/cpu_heads.py.
 
 That holds for the layers' shapes, and is checked at start (model/cpu_memory.py), not for every
 shape: with janus-tiny's 64 x 64 image-head weights compiled the same way, calls of 7 rows and
 more read the dropped memory (OpenVINO reorders a weight for a new kernel on first use, from the
-original constant). So the heads stay eager until the programs can be freed from their eager
-weights another way (model/cpu_programs.py's blobs are file-backed: dropped pages of those are
-read back from the file).
+original constant). So the heads run as programs only as imported from a saved file, whose
+dropped pages are read back from the file (model/cpu_heads.py).
 
 Precision (`precision`):
 - "exact": float32 weights and compute; equal to eager within ~1e-5.

@@ -172,6 +172,7 @@ class DecodeBatch:
         self.model = model
         self.forward_hidden = forward_hidden or model.forward_hidden
         self.encode_images = encode_images or model.encode_images
+        self.text_logits, self.image_logits = model.text_logits, model.image_logits  # model/cpu_heads.py's on CPU
         self.max_len = max_len
         self.cache = model.new_cache(slots, max_len, allocate=allocate)
         self.pool = SlotPool(slots)
@@ -215,7 +216,7 @@ class DecodeBatch:
             features = self.encode_images(from_numpy(pixel_values))
             embeds = merge_image_features(embeds, features, image_mask)
         hidden = self._forward(embeds, [slot], [0])
-        return self.model.text_logits(hidden[:, -1]).numpy()[0]
+        return self.text_logits(hidden[:, -1]).numpy()[0]
 
     def start_text(self, key, slot: int, length: int, logits: np.ndarray, *,
                    params: SamplingParams = SamplingParams(), rng: np.random.Generator | None = None,
@@ -236,7 +237,7 @@ class DecodeBatch:
         try:
             embeds = self.model.embed_tokens(from_numpy(tokens))
             hidden = self._forward(embeds, slots, [0] * (2 * n))
-            logits = self.model.image_logits(hidden[:, -1]).numpy()
+            logits = self.image_logits(hidden[:, -1]).numpy()
         except BaseException:
             self.pool.give_back(slots)
             raise
@@ -291,12 +292,12 @@ class DecodeBatch:
         hidden = self._forward(embeds, slots, starts)[:, -1]
         events = []
         if text:
-            logits = self.model.text_logits(hidden[: len(text)]).numpy()
+            logits = self.text_logits(hidden[: len(text)]).numpy()
             for row, seq in enumerate(text):
                 seq.length += 1
                 events.extend(self._accept_text(seq, logits[row]))
         if image:
-            logits = self.model.image_logits(hidden[len(text):]).numpy()
+            logits = self.image_logits(hidden[len(text):]).numpy()
             row = 0
             for seq in image:
                 seq.length += 1

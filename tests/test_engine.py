@@ -472,7 +472,7 @@ def test_outbox_sends_in_order_and_drops_messages_once_nobody_reads():
 
 
 def test_a_second_start_imports_the_programs_the_first_saved(loop, tmp_path):
-    """The first worker builds the CPU runtime's programs (decoder, image encoder, VQ decoder) and saves them
+    """The first worker builds the CPU runtime's programs (decoder, image encoder, VQ decoder, heads) and saves them
     under <home>/programs with the preview palette; the next one, with the same checkpoint and settings, imports
     them without reading their weights, and answers the same: text, images and previews."""
 
@@ -495,9 +495,9 @@ def test_a_second_start_imports_the_programs_the_first_saved(loop, tmp_path):
         finally:
             loop.run(engine.stop())
     assert how == ["built", "imported"] and answers[0] == answers[1] and len(answers[0][1][0]) == 2
-    assert imported == [[], ["decoder", "image encoder", "VQ decoder"]]
+    assert imported == [[], ["decoder", "image encoder", "VQ decoder", "heads"]]
     entries = list((tmp_path / "programs").iterdir())
-    assert len(entries) == 3 and sum((entry / "palette.npy").is_file() for entry in entries) == 1  # one per program
+    assert len(entries) == 4 and sum((entry / "palette.npy").is_file() for entry in entries) == 1  # one per program
     # "off": neither imported nor saved
     engine = start_engine(loop, tmp_path / "other", program_cache="off")
     try:

@@ -113,16 +113,23 @@ def cpu(model, cases, slots=8, cpu_engine="eager"):
     return opened(CpuRuntime, model, cases, slots, previews=False, cpu_engine=cpu_engine)
 
 
-@pytest.mark.parametrize("engine", ["openvino", "eager"])
-def test_cpu_runtime_gives_the_reference_text_and_images_batched(model, golden, engine):
-    """By default the OpenVINO decoder, prompts prefilled in the loop; with eager layers, prompts prefilled by
-    the prefill thread. Both with the OpenVINO image encoder, images decoded by the VQ thread: the golden
-    tokens and pixels."""
+@pytest.mark.parametrize("engine", ["openvino", "stored", "eager"])
+def test_cpu_runtime_gives_the_reference_text_and_images_batched(model, golden, engine, tmp_path):
+    """By default the OpenVINO decoder, prompts prefilled in the loop; with a program store (what the worker
+    has by default) also the heads as programs; with eager layers, prompts prefilled by the prefill thread.
+    All with the OpenVINO image encoder, images decoded by the VQ thread: the golden tokens and pixels."""
+    from model.runtime.cpu import CpuRuntime, program_stores
+
     arrays, cases = golden
     if engine == "openvino":
         runtime = cpu(load_model(GOLDEN), cases, cpu_engine="auto")  # its own model: the decoder frees its layers
         assert runtime.describe()["programs"] == ["decoder", "image encoder", "VQ decoder"]
         assert runtime.describe()["prefill"] == "inline" and runtime.describe()["precision"] == "exact"
+    elif engine == "stored":
+        stores = program_stores(str(GOLDEN), str(tmp_path), cpu_engine="auto", cpu_precision="exact",
+                                cpu_vision="auto", cpu_vq="auto")
+        runtime = opened(CpuRuntime, load_model(GOLDEN), cases, 8, previews=False, program_stores=stores)
+        assert runtime.describe()["programs"] == ["decoder", "image encoder", "VQ decoder", "heads"]
     else:
         runtime = cpu(model, cases)
         assert runtime.describe()["programs"] == ["image encoder", "VQ decoder"]

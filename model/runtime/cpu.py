@@ -1,6 +1,7 @@
 """The CPU runtime: OpenVINO programs for the language model's layers (model/cpu_decoder.py), the image
 encoder and the VQ decoder, with the slow parts in background threads (the interface:
-model/runtime/__init__.py). Embeddings, heads and sampling stay in eager Paddle and numpy.
+model/runtime/__init__.py); with a program store, also the output heads (model/cpu_heads.py). Embeddings
+and sampling stay in eager Paddle and numpy.
 
 - The decoder's programs are built from the loaded weights at start, in the chosen precision
   (`cpu_precision`: exact float32 by default; int8, int4, bf16 on request), and the eager copy of
@@ -62,7 +63,7 @@ def use_cpu_threads(threads: int, *, blas: bool = True) -> None:
 
 
 def one_blas_thread() -> None:
-    """Numpy's BLAS to one thread for every product, the heads' included: with the OpenVINO decoder.
+    """Numpy's BLAS to one thread for every product, the eager heads' included: with the OpenVINO decoder.
 
     OpenBLAS's threads spin for a while after a product and take the cores from the OpenVINO
     program that follows. Measured at Janus-1.3B's widths (6 layers, 2 rows, 300 cached, 2-core
@@ -122,6 +123,15 @@ def vq_store(model_path: str, folder: str, threads: int | None = None):
                                        program="VQ decoder", threads=threads or cpu_threads())
 
 
+def heads_store(model_path: str, folder: str, threads: int | None = None):
+    """The ProgramStore entry of the output heads' programs (model/cpu_heads.py: they run only from one)."""
+    from .. import cpu_heads
+    from ..cpu_programs import ProgramStore
+
+    return ProgramStore.for_checkpoint(model_path, folder, cpu_heads.__file__, program="heads",
+                                       threads=threads or cpu_threads())
+
+
 def program_stores(model_path: str, folder: str, *, cpu_engine: str, cpu_precision: str, cpu_vision: str,
                    cpu_vq: str) -> dict:
     """The ProgramStore entries of the OpenVINO programs CpuRuntime builds with these settings, by name (as
@@ -133,6 +143,8 @@ def program_stores(model_path: str, folder: str, *, cpu_engine: str, cpu_precisi
             stores["image encoder"] = vision_store(model_path, folder)
     if cpu_vq != "eager":
         stores["VQ decoder"] = vq_store(model_path, folder)
+    if cpu_engine != "eager":
+        stores["heads"] = heads_store(model_path, folder)
     return stores
 
 
@@ -140,9 +152,10 @@ def held_parameters(stores: dict) -> tuple[str, ...]:
     """The parameters the loader need not read: those of the programs whose entries in `stores` are complete."""
     from ..cpu_decoder import HELD_PARAMETERS as DECODER
     from ..cpu_engine import VQ_HELD_PARAMETERS as VQ
+    from ..cpu_heads import HELD_PARAMETERS as HEADS
     from ..cpu_vision import HELD_PARAMETERS as VISION
 
-    held = {"decoder": DECODER, "image encoder": VISION, "VQ decoder": VQ}
+    held = {"decoder": DECODER, "image encoder": VISION, "VQ decoder": VQ, "heads": HEADS}
     return tuple(prefix for name, store in stores.items() if store.complete() for prefix in held[name])
 
 
@@ -186,8 +199,11 @@ class CpuRuntime(EagerRuntime):
         self.stores = stores = dict(program_stores or {})
         self.decoder = self.timed("decoder", cpu_engine, lambda: CpuDecoder(
             model, precision=cpu_precision, release_eager=True, store=stores.get("decoder")))
+        self.heads = None
         if self.decoder is not None:
             one_blas_thread()
+            if stores.get("heads") is not None:
+                self.heads = self.make_heads(model, stores["heads"])
         if self.decoder is None and cpu_precision != "exact":
             raise RuntimeError(f"--cpu-precision {cpu_precision} needs the openvino package")
         # The prefill thread writes its rows of the cache through numpy views (llama.numpy_attention);
@@ -215,6 +231,22 @@ class CpuRuntime(EagerRuntime):
         if self.vq_decoder is not None:
             threading.Thread(target=self.vq_loop, name="vq-decode", daemon=True).start()
 
+    def make_heads(self, model, store):
+        """The heads as programs (model/cpu_heads.py), or None (eager) when their store cannot hold them."""
+        from ..cpu_engine import EngineUnavailable
+        from ..cpu_heads import CpuHeads
+        from ..cpu_programs import ProgramStoreError
+
+        try:
+            return self.timed("heads", "openvino", lambda: CpuHeads(model, store))
+        except ProgramStoreError:
+            raise  # their weights were not loaded: the worker loads them and starts again
+        except EngineUnavailable as error:
+            log.warning("the output heads stay eager: %s", error)
+        except Exception:  # noqa: BLE001 - the eager heads serve
+            log.warning("the output heads stay eager", exc_info=True)
+        return None
+
     def timed(self, what: str, choice: str, build):
         """make_cpu_program, its seconds kept in build_s."""
         started = time.perf_counter()
@@ -229,6 +261,8 @@ class CpuRuntime(EagerRuntime):
             self.batch.forward_hidden = self.decoder.forward_hidden
         if self.vision is not None:
             self.batch.encode_images = self.encode_images
+        if self.heads is not None:
+            self.batch.text_logits, self.batch.image_logits = self.heads.text_logits, self.heads.image_logits
 
     def fit_palette(self):
         """The preview palette kept beside the VQ decoder's imported program, else fitted (one VQ decode: seconds
@@ -253,16 +287,15 @@ class CpuRuntime(EagerRuntime):
         return lazy_zeros if self.model.dtype_name == "float32" else None
 
     def describe(self) -> dict[str, Any]:
-        programs = [name for name, program in (("decoder", self.decoder), ("image encoder", self.vision),
-                                               ("VQ decoder", self.vq_decoder)) if program is not None]
+        named = (("decoder", self.decoder), ("image encoder", self.vision), ("VQ decoder", self.vq_decoder),
+                 ("heads", self.heads))
+        programs = [name for name, program in named if program is not None]
         described = {**super().describe(), "programs": programs, "prefill": "thread" if self.prefill_thread else "inline",
                      "programs_s": dict(self.build_s)}
         if self.decoder is not None:
             described["precision"] = self.decoder.precision
             described["decoder_programs"] = "imported" if self.decoder.store is not None else "built"
-        described["imported"] = [name for name, program in (("decoder", self.decoder), ("image encoder", self.vision),
-                                                            ("VQ decoder", self.vq_decoder))
-                                 if program is not None and program.store is not None]
+        described["imported"] = [name for name, program in named if program is not None and program.store is not None]
         return described
 
     # ---- prefills in the background
