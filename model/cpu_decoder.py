@@ -352,6 +352,16 @@ class CpuDecoder:
                 param._clear_data()
         self.requests = programs
 
+    def warm_up(self, rows: int | None = None) -> None:
+        """Run every program once on `rows` rows (default MAX_CALL_ROWS, the most one call takes). Each keeps
+        buffers for the most rows it has seen: made now, they are in the memory a worker measures before it sizes
+        its KV cache, and the first long prompt does not wait for them. Janus-1.3B, 2-core AVX-512 EPYC: a
+        695-token prefill took 12.4 s the first time, 10.3 s after."""
+        from .cpu_memory import probe_inputs
+
+        for request in self.requests:
+            request.infer(probe_inputs(request, rows or MAX_CALL_ROWS))
+
     @staticmethod
     def _release(programs: list, params: list, shared: list[np.ndarray], before: list[np.ndarray]) -> int:
         """Free the eager weights the programs were built from (model/cpu_memory.py); the bytes given back.

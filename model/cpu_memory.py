@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 
 import numpy as np
@@ -33,20 +34,27 @@ MADV_DONTNEED = 4
 PROBE_ROWS = (1, 5, 16)
 
 
-def _libc():
-    return ctypes.CDLL(ctypes.util.find_library("c"))
+@functools.cache
+def libc():
+    """The C library, opened once. By its usual name first: ctypes.util.find_library runs `ldconfig -p` in a
+    child process, a fork of this one, whose resident memory (the whole worker's, shared) then shows in every
+    sum over the worker's processes."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def drop_pages(arrays: list[np.ndarray]) -> int:
     """Give back the whole pages inside each array's memory (never to be read again); the bytes given."""
-    libc = _libc()
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    c = libc()
+    c.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page, dropped = mmap.PAGESIZE, 0
     for array in arrays:
         start = array.ctypes.data
         first, last = -(-start // page) * page, (start + array.nbytes) // page * page
         if last > first:
-            if libc.madvise(first, last - first, MADV_DONTNEED) != 0:
+            if c.madvise(first, last - first, MADV_DONTNEED) != 0:
                 raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
             dropped += last - first
     return dropped
@@ -69,7 +77,7 @@ def lazy_zeros(shape, dtype) -> np.ndarray:
 def trim_heap() -> bool:
     """glibc's malloc_trim(0): free pages in its heaps go back to the OS. False where unavailable."""
     try:
-        return bool(_libc().malloc_trim(0))
+        return bool(libc().malloc_trim(0))
     except (OSError, AttributeError, TypeError):
         return False
 

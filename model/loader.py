@@ -7,8 +7,6 @@ built model through `_MODEL_RENAMES` / `_FUSED` (q/k/v and gate/up are concatena
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import json
 import logging
 import pickle
@@ -132,10 +130,10 @@ def keep_freed_memory() -> bool:
     again on each step (measured 3-5x slower copies). The process keeps its peak memory
     instead. Returns False where glibc's mallopt is unavailable.
     """
-    name = ctypes.util.find_library("c")
+    from .cpu_memory import libc
+
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = libc().mallopt
     except (OSError, AttributeError, TypeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4

@@ -15,7 +15,7 @@ from model.cpu_engine import EngineUnavailable  # noqa: E402
 from model.cpu_heads import HELD_PARAMETERS, CpuHeads  # noqa: E402
 from model.cpu_programs import ProgramStoreError  # noqa: E402
 from model.loader import load_model  # noqa: E402
-from model.runtime.cpu import heads_store  # noqa: E402
+from model.runtime.cpu import program_store  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "janus-tiny"
 
@@ -39,7 +39,7 @@ def test_heads_give_eager_logits_at_every_row_count_once_the_eager_heads_are_fre
     without loading the heads' weights."""
     reference = load_model(checkpoint)
     model = load_model(checkpoint)
-    store = heads_store(str(checkpoint), str(tmp_path / "programs"), threads=2)
+    store = program_store("heads", str(checkpoint), str(tmp_path / "programs"), threads=2)
     heads = CpuHeads(model, store, threads=2)
     assert heads.store is None and store.complete()  # built now, run as imported
     assert not model.language_model.lm_head.weight._is_initialized()  # freed
@@ -56,7 +56,7 @@ def test_heads_give_eager_logits_at_every_row_count_once_the_eager_heads_are_fre
 
     skipped = load_model(checkpoint, skip=HELD_PARAMETERS)
     assert not skipped.language_model.lm_head.weight._is_initialized()
-    again = CpuHeads(skipped, heads_store(str(checkpoint), str(tmp_path / "programs"), threads=2), threads=2)
+    again = CpuHeads(skipped, program_store("heads", str(checkpoint), str(tmp_path / "programs"), threads=2), threads=2)
     assert again.store is not None
     for rows in (1, 7, 24):
         x = hidden_rows(reference, rows, rows)
@@ -71,11 +71,11 @@ def test_without_a_usable_store_the_heads_stay_eager(checkpoint, tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("")  # the store's folder cannot be made under a file
     with pytest.raises(EngineUnavailable, match="could not be saved"):
-        CpuHeads(model, heads_store(str(checkpoint), str(blocked / "programs"), threads=2), threads=2)
+        CpuHeads(model, program_store("heads", str(checkpoint), str(blocked / "programs"), threads=2), threads=2)
     assert model.language_model.lm_head.weight._is_initialized()  # the eager heads serve
 
     # A damaged entry: eager heads when their weights were loaded, else the worker must load them.
-    store = heads_store(str(checkpoint), str(tmp_path / "programs"), threads=2)
+    store = program_store("heads", str(checkpoint), str(tmp_path / "programs"), threads=2)
     CpuHeads(load_model(checkpoint), store, threads=2)
     (store.path / "001.blob").write_bytes(b"not a program")
     with pytest.raises(EngineUnavailable, match="could not be imported"):

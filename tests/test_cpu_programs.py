@@ -19,7 +19,7 @@ from model.loader import load_model  # noqa: E402
 from model.cpu_engine import VQ_HELD_PARAMETERS, CpuVQDecoder  # noqa: E402
 from model.cpu_vision import HELD_PARAMETERS as VISION_HELD_PARAMETERS  # noqa: E402
 from model.cpu_vision import CpuVisionEncoder  # noqa: E402
-from model.runtime.cpu import decoder_store, vision_store, vq_store  # noqa: E402
+from model.runtime.cpu import decoder_store, program_store  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "janus-tiny"
 
@@ -128,8 +128,11 @@ def test_the_image_programs_are_imported_without_their_weights_and_checked_by_di
     model = load_model(checkpoint)
     pixels = np.random.default_rng(0).uniform(-1, 1, (2, 3, 384, 384)).astype(np.float32)
     codes = np.random.default_rng(1).integers(0, model.config.gen_vision.codebook_size, (2, 576))
-    built_vision = CpuVisionEncoder(model, threads=2, store=vision_store(str(checkpoint), root, threads=2))
-    built_vq = CpuVQDecoder(model, threads=2, store=vq_store(str(checkpoint), root, threads=2))
+    def store(program):
+        return program_store(program, str(checkpoint), root, threads=2)
+
+    built_vision = CpuVisionEncoder(model, threads=2, store=store("image encoder"))
+    built_vq = CpuVQDecoder(model, threads=2, store=store("VQ decoder"))
     assert built_vision.store is None and built_vq.store is None
     want = built_vision.encode(pixels), built_vq.decode(codes)
 
@@ -137,8 +140,8 @@ def test_the_image_programs_are_imported_without_their_weights_and_checked_by_di
     assert not skipped.vision_model.pos_embed._is_initialized()
     assert not skipped.gen_vision_model.post_quant_conv.weight._is_initialized()
     assert skipped.gen_vision_model.codebook.weight._is_initialized()  # the lookup stays eager
-    vision = CpuVisionEncoder(skipped, threads=2, store=(stored := vision_store(str(checkpoint), root, threads=2)))
-    vq = CpuVQDecoder(skipped, threads=2, store=vq_store(str(checkpoint), root, threads=2))
+    vision = CpuVisionEncoder(skipped, threads=2, store=(stored := store("image encoder")))
+    vq = CpuVQDecoder(skipped, threads=2, store=store("VQ decoder"))
     assert vision.store is stored and vq.store is not None and "sha256" in stored.manifest()
     np.testing.assert_array_equal(vision.encode(pixels), want[0])
     np.testing.assert_array_equal(vq.decode(codes), want[1])
@@ -156,7 +159,7 @@ def test_the_image_programs_are_imported_without_their_weights_and_checked_by_di
 
 
 def test_an_entry_keeps_small_arrays_beside_its_programs(checkpoint, tmp_path):
-    store = vq_store(str(checkpoint), str(tmp_path / "programs"), threads=2)
+    store = program_store("VQ decoder", str(checkpoint), str(tmp_path / "programs"), threads=2)
     palette = np.arange(12, dtype=np.uint8).reshape(4, 3)
     assert not store.put_array("palette", palette)  # no entry yet
     CpuVQDecoder(load_model(checkpoint), threads=2, store=store)

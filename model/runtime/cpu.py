@@ -93,43 +93,24 @@ def limit_blas_threads() -> None:
     cpu_blas.configure(gemm_threads=cpu_threads(), small_threads=1)
 
 
+def program_store(program: str, model_path: str, folder: str, threads: int | None = None, **settings):
+    """The ProgramStore entry of `program` (as describe() names it) for this checkpoint, thread count (default:
+    cpu_threads(), what the programs take) and `settings`, keyed by the source of the code that builds it."""
+    from .. import cpu_decoder, cpu_engine, cpu_heads, cpu_vision, vq
+    from ..cpu_programs import ProgramStore
+
+    sources = {"decoder": [cpu_decoder.__file__], "image encoder": [cpu_vision.__file__, cpu_engine.__file__],
+               "VQ decoder": [cpu_engine.__file__, vq.__file__],  # exported from model/vq.py's layers
+               "heads": [cpu_heads.__file__]}[program]
+    return ProgramStore.for_checkpoint(model_path, folder, sources, program=program, threads=threads or cpu_threads(),
+                                       **settings)
+
+
 def decoder_store(model_path: str, folder: str, precision: str, threads: int | None = None):
-    """The ProgramStore entry of the decoder's programs for this checkpoint, precision and thread count
-    (default: cpu_threads(), what the decoder takes)."""
-    from .. import cpu_decoder
-    from ..cpu_programs import ProgramStore
+    """The ProgramStore entry of the decoder's programs for this checkpoint, precision and thread count."""
+    from ..cpu_decoder import ACTIVATION_GROUP
 
-    return ProgramStore.for_checkpoint(model_path, folder, cpu_decoder.__file__, program="decoder",
-                                       precision=precision, activation_group=cpu_decoder.ACTIVATION_GROUP,
-                                       threads=threads or cpu_threads())
-
-
-def vision_store(model_path: str, folder: str, threads: int | None = None):
-    """The ProgramStore entry of the image encoder's program (one copy, on every thread: beside the decoder)."""
-    from .. import cpu_engine, cpu_vision
-    from ..cpu_programs import ProgramStore
-
-    return ProgramStore.for_checkpoint(model_path, folder, [cpu_vision.__file__, cpu_engine.__file__],
-                                       program="image encoder", threads=threads or cpu_threads())
-
-
-def vq_store(model_path: str, folder: str, threads: int | None = None):
-    """The ProgramStore entry of the VQ decoder's program (exported from model/vq.py's layers) and its preview
-    palette."""
-    from .. import cpu_engine, vq
-    from ..cpu_programs import ProgramStore
-
-    return ProgramStore.for_checkpoint(model_path, folder, [cpu_engine.__file__, vq.__file__],
-                                       program="VQ decoder", threads=threads or cpu_threads())
-
-
-def heads_store(model_path: str, folder: str, threads: int | None = None):
-    """The ProgramStore entry of the output heads' programs (model/cpu_heads.py: they run only from one)."""
-    from .. import cpu_heads
-    from ..cpu_programs import ProgramStore
-
-    return ProgramStore.for_checkpoint(model_path, folder, cpu_heads.__file__, program="heads",
-                                       threads=threads or cpu_threads())
+    return program_store("decoder", model_path, folder, threads, precision=precision, activation_group=ACTIVATION_GROUP)
 
 
 def program_stores(model_path: str, folder: str, *, cpu_engine: str, cpu_precision: str, cpu_vision: str,
@@ -139,12 +120,11 @@ def program_stores(model_path: str, folder: str, *, cpu_engine: str, cpu_precisi
     stores = {}
     if cpu_engine != "eager":
         stores["decoder"] = decoder_store(model_path, folder, cpu_precision)
+        stores["heads"] = program_store("heads", model_path, folder)  # model/cpu_heads.py: they run only from one
         if cpu_vision != "eager":
-            stores["image encoder"] = vision_store(model_path, folder)
+            stores["image encoder"] = program_store("image encoder", model_path, folder)
     if cpu_vq != "eager":
-        stores["VQ decoder"] = vq_store(model_path, folder)
-    if cpu_engine != "eager":
-        stores["heads"] = heads_store(model_path, folder)
+        stores["VQ decoder"] = program_store("VQ decoder", model_path, folder)  # with the preview palette
     return stores
 
 
@@ -181,6 +161,11 @@ def make_cpu_program(what: str, choice: str, build):
         return None
 
 
+def warmed(decoder):
+    decoder.warm_up()
+    return decoder
+
+
 class CpuRuntime(EagerRuntime):
     name = "cpu"
 
@@ -197,8 +182,8 @@ class CpuRuntime(EagerRuntime):
             check_precision(cpu_precision)  # before minutes of building: a clear refusal (bf16 without the CPU for it)
         self.build_s: dict[str, float] = {}  # seconds each program took to build or import
         self.stores = stores = dict(program_stores or {})
-        self.decoder = self.timed("decoder", cpu_engine, lambda: CpuDecoder(
-            model, precision=cpu_precision, release_eager=True, store=stores.get("decoder")))
+        self.decoder = self.timed("decoder", cpu_engine, lambda: warmed(CpuDecoder(
+            model, precision=cpu_precision, release_eager=True, store=stores.get("decoder"))))
         self.heads = None
         if self.decoder is not None:
             one_blas_thread()
@@ -290,8 +275,8 @@ class CpuRuntime(EagerRuntime):
         named = (("decoder", self.decoder), ("image encoder", self.vision), ("VQ decoder", self.vq_decoder),
                  ("heads", self.heads))
         programs = [name for name, program in named if program is not None]
-        described = {**super().describe(), "programs": programs, "prefill": "thread" if self.prefill_thread else "inline",
-                     "programs_s": dict(self.build_s)}
+        described = {**super().describe(), "programs": programs, "programs_s": dict(self.build_s),
+                     "prefill": "thread" if self.prefill_thread else "inline"}
         if self.decoder is not None:
             described["precision"] = self.decoder.precision
             described["decoder_programs"] = "imported" if self.decoder.store is not None else "built"
