@@ -23,13 +23,17 @@ One copy of the weights: OpenVINO packs each program's weights into its own memo
 it compiles (checked by tests/test_cpu_engine.py, which poisons the eager memory after
 the build), so the eager copies of the layers' weights and the final norm are freed then
 (`release_eager=True`, what the worker does). model.forward_hidden then fails loudly;
-every call, prefill included, goes through this decoder. Embeddings stay eager; the heads are model/cpu_heads.py.
+every call, prefill included, goes through this decoder. Embeddings stay eager; the heads are
+model/cpu_heads.py.
 
-That holds for the layers' shapes, and is checked at start (model/cpu_memory.py), not for every
-shape: with janus-tiny's 64 x 64 image-head weights compiled the same way, calls of 7 rows and
-more read the dropped memory (OpenVINO reorders a weight for a new kernel on first use, from the
-original constant). So the heads run as programs only as imported from a saved file, whose
-dropped pages are read back from the file (model/cpu_heads.py).
+With a program store (model/cpu_programs.py, what the worker has by default) the programs are saved
+once built and then run as imported from the saved file, as every later start runs them; the eager
+weights are then freed outright. Without one, the eager memory the programs were built from is
+given back by a page drop. That holds for the layers' shapes, and is checked at start
+(model/cpu_memory.py), not for every shape: with janus-tiny's 64 x 64 image-head weights compiled
+the same way, calls of 7 rows and more read the dropped memory (OpenVINO reorders a weight for a new
+kernel on first use, from the original constant). So the heads run as programs only as imported
+from a saved file, whose dropped pages are read back from the file (model/cpu_heads.py).
 
 Precision (`precision`):
 - "exact": float32 weights and compute; equal to eager within ~1e-5.
@@ -54,7 +58,7 @@ import numpy as np
 import paddle
 
 from .cpu_attention import Group, attend, plan_groups, prompt_attention, write_cache
-from .cpu_memory import snapshot
+from .cpu_memory import snapshot, trim_heap
 from .cpu_programs import ProgramStore, ProgramStoreError
 from .llama import KVCache, LlamaModel, cache_addresses, rotary_cos_sin
 from .tensors import float32_view, from_numpy
@@ -334,23 +338,46 @@ class CpuDecoder:
                 if not all(p._is_initialized() for p in params):
                     raise  # the loader skipped the weights for this entry: the caller loads them and asks again
                 log.warning("compiled decoder programs in %s not used (%s); building them", store.path, error)
+        self._file = None  # the store whose saved file the programs run from, when built now and imported at once
         if self.store is None:
-            shared: list[np.ndarray] = []  # eager memory the programs' constants were made from (exact, bf16)
-            for part in bounds:
-                builder = _GraphBuilder(llama, precision)
-                programs.append(core.compile_model(builder.part(*part), "CPU", config).create_infer_request())
-                shared += builder.keep
-                self.weight_bytes += builder.weight_bytes
+            programs, shared = self._build(core, config, bounds)
             probes = snapshot(programs) if release_eager or store is not None else []
-            if store is not None:
-                store.save([request.get_compiled_model() for request in programs], probes,
-                           {"weight_bytes": self.weight_bytes})
-            if release_eager:  # only once all are built, so that a failed build leaves the eager model whole
+            if store is not None and store.save([request.get_compiled_model() for request in programs], probes,
+                                                {"weight_bytes": self.weight_bytes}):
+                # Run as imported from the saved file, as the next start will: the imported constants are pages of
+                # the file, so nothing reads the eager weights and they are freed outright, with no page drop
+                # (model/cpu_memory.py). The built programs go first, so that two compiled copies never coexist.
+                del programs
+                try:
+                    programs, _ = store.load(core, config, len(bounds))  # checked against the built ones' probes
+                    self._file, shared = store, []
+                except ProgramStoreError as error:
+                    log.warning("decoder programs saved in %s could not be imported (%s); building them again",
+                                store.path, error)
+                    programs, shared = self._build(core, config, bounds)
+            if release_eager and self._file is not None:
+                self.released_bytes = sum(int(p.numel()) * p.element_size() for p in params)
+                for param in params:
+                    param._clear_data()
+                trim_heap()
+            elif release_eager:  # only once all are built, so that a failed build leaves the eager model whole
                 self.released_bytes = self._release(programs, params, shared, probes)
         elif release_eager:
             for param in params:
                 param._clear_data()
         self.requests = programs
+
+    def _build(self, core, config: dict, bounds: list) -> tuple[list, list[np.ndarray]]:
+        """Compile the programs from the eager weights: (infer requests, the eager memory their constants were
+        made from: exact and bf16 share it)."""
+        programs, shared = [], []
+        self.weight_bytes = 0
+        for part in bounds:
+            builder = _GraphBuilder(self.llama, self.precision)
+            programs.append(core.compile_model(builder.part(*part), "CPU", config).create_infer_request())
+            shared += builder.keep
+            self.weight_bytes += builder.weight_bytes
+        return programs, shared
 
     def warm_up(self, rows: int | None = None) -> None:
         """Run every program once on `rows` rows (default MAX_CALL_ROWS, the most one call takes). Each keeps
@@ -388,6 +415,11 @@ class CpuDecoder:
         else:
             params.append(llama.norm.weight)
         return params
+
+    @property
+    def imported(self) -> bool:
+        """Whether its programs were imported from an earlier start's (`store`)."""
+        return self.store is not None
 
     def describe(self) -> dict:
         return {"decoder": "openvino", "precision": self.precision, "quantized_activations": self.quantized_activations,

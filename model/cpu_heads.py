@@ -54,8 +54,8 @@ class CpuHeads:
     """model.text_logits and model.image_logits as OpenVINO programs imported from `store`.
 
     The first start compiles them from the eager weights and saves them in `store`; every start then
-    imports them from there and frees the eager heads (`release_eager`). `self.store` is the store
-    when the programs were saved by an earlier start, else None (built now). Not thread-safe.
+    imports them from there and frees the eager heads (`release_eager`). `self.imported`: whether an
+    earlier start saved them. Not thread-safe.
     """
 
     def __init__(self, model, store, *, threads: int | None = None, release_eager: bool = True):
@@ -87,7 +87,7 @@ class CpuHeads:
             if loaded:  # the eager heads can serve
                 raise EngineUnavailable(f"the heads' saved programs could not be imported ({error})") from error
             raise  # their weights were not loaded: the caller loads them and asks again
-        self.store = store if earlier else None
+        self.imported = earlier  # saved by an earlier start
         self._store = store  # keeps the blobs mapped
         if release_eager:
             for param in params:

@@ -113,6 +113,8 @@ class ProgramStore:
     def save(self, compiled: list, probes: list[np.ndarray] | None, extra: dict | None = None) -> bool:
         """Write the compiled programs and their probe outputs (None: their digests, to check them by) as this
         entry; False (logged) if it cannot be written (no space, no permission): serving goes on without it."""
+        from .cpu_memory import trim_heap
+
         temp = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -134,6 +136,7 @@ class ProgramStore:
             self._remove_stale()
             os.rename(temp, self.path)  # fails if another worker wrote the same entry meanwhile: theirs stays
             temp = None
+            trim_heap()  # the exported blobs were whole copies in the heap (the worker's glibc keeps freed memory)
             log.info("compiled programs saved in %s (%.1f GB)", self.path, sum(sizes) / 1e9)
             return True
         except OSError as error:

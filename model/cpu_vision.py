@@ -130,9 +130,9 @@ class CpuVisionEncoder:
         return openvino.Model([x], [pixels], "janus_vision")
 
     @property
-    def store(self):
-        """The ProgramStore its program was imported from, or None (built)."""
-        return self.program.store
+    def imported(self) -> bool:
+        """Whether its program was imported from an earlier start's (CompiledCopies)."""
+        return self.program.imported
 
     def encode(self, pixel_values, *, single_thread: bool = False) -> np.ndarray:
         """[N, 3, size, size] pixels in [-1, 1] -> [N, tokens, hidden] float32 features.

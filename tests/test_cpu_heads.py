@@ -41,7 +41,7 @@ def test_heads_give_eager_logits_at_every_row_count_once_the_eager_heads_are_fre
     model = load_model(checkpoint)
     store = program_store("heads", str(checkpoint), str(tmp_path / "programs"), threads=2)
     heads = CpuHeads(model, store, threads=2)
-    assert heads.store is None and store.complete()  # built now, run as imported
+    assert not heads.imported and store.complete()  # built now, run as imported from the saved file
     assert not model.language_model.lm_head.weight._is_initialized()  # freed
     assert not model.gen_head.vision_head.weight._is_initialized()
     got = {}
@@ -57,7 +57,7 @@ def test_heads_give_eager_logits_at_every_row_count_once_the_eager_heads_are_fre
     skipped = load_model(checkpoint, skip=HELD_PARAMETERS)
     assert not skipped.language_model.lm_head.weight._is_initialized()
     again = CpuHeads(skipped, program_store("heads", str(checkpoint), str(tmp_path / "programs"), threads=2), threads=2)
-    assert again.store is not None
+    assert again.imported
     for rows in (1, 7, 24):
         x = hidden_rows(reference, rows, rows)
         np.testing.assert_array_equal(again.text_logits(x).numpy(), got[rows][0])

@@ -51,6 +51,8 @@ def test_a_second_start_imports_the_programs_without_the_layer_weights(checkpoin
     built_model = load_model(checkpoint)
     built = CpuDecoder(built_model, threads=2, release_eager=True, store=store)
     assert built.store is None and store.complete()
+    assert built._file is store  # runs as imported from the file it saved: the eager layers were freed outright
+    assert not built_model.language_model.model.layers[0].self_attn.qkv_proj.weight._is_initialized()
     assert [entry.name for entry in root.iterdir()] == [store.path.name]  # no temporary folder left behind
     want = hidden(built, built_model)
 
@@ -133,7 +135,8 @@ def test_the_image_programs_are_imported_without_their_weights_and_checked_by_di
 
     built_vision = CpuVisionEncoder(model, threads=2, store=store("image encoder"))
     built_vq = CpuVQDecoder(model, threads=2, store=store("VQ decoder"))
-    assert built_vision.store is None and built_vq.store is None
+    assert not built_vision.imported and not built_vq.imported
+    assert built_vision.program.store is not None  # run from the saved file at once
     want = built_vision.encode(pixels), built_vq.decode(codes)
 
     skipped = load_model(checkpoint, skip=VISION_HELD_PARAMETERS + VQ_HELD_PARAMETERS)
@@ -142,7 +145,7 @@ def test_the_image_programs_are_imported_without_their_weights_and_checked_by_di
     assert skipped.gen_vision_model.codebook.weight._is_initialized()  # the lookup stays eager
     vision = CpuVisionEncoder(skipped, threads=2, store=(stored := store("image encoder")))
     vq = CpuVQDecoder(skipped, threads=2, store=store("VQ decoder"))
-    assert vision.store is stored and vq.store is not None and "sha256" in stored.manifest()
+    assert vision.imported and vision.program.store is stored and vq.imported and "sha256" in stored.manifest()
     np.testing.assert_array_equal(vision.encode(pixels), want[0])
     np.testing.assert_array_equal(vq.decode(codes), want[1])
 
@@ -154,7 +157,7 @@ def test_the_image_programs_are_imported_without_their_weights_and_checked_by_di
         CpuVisionEncoder(skipped, threads=2, store=stored)
     assert not stored.complete()
     rebuilt = CpuVisionEncoder(model, threads=2, store=stored)  # with its weights: built and saved again
-    assert rebuilt.store is None and stored.complete()
+    assert not rebuilt.imported and stored.complete()
     np.testing.assert_array_equal(rebuilt.encode(pixels), want[0])
 
 

@@ -255,7 +255,7 @@ class CpuRuntime(EagerRuntime):
         from ..preview import PreviewPalette
 
         store = self.stores.get("VQ decoder") if self.vq_decoder is not None else None
-        if store is not None and self.vq_decoder.store is store:
+        if store is not None and self.vq_decoder.imported:
             colors = store.array("palette")
             if colors is not None and colors.shape == (self.model.config.gen_vision.codebook_size, 3):
                 return PreviewPalette(colors.astype(np.uint8))
@@ -280,7 +280,7 @@ class CpuRuntime(EagerRuntime):
         if self.decoder is not None:
             described["precision"] = self.decoder.precision
             described["decoder_programs"] = "imported" if self.decoder.store is not None else "built"
-        described["imported"] = [name for name, program in named if program is not None and program.store is not None]
+        described["imported"] = [name for name, program in named if program is not None and program.imported]
         return described
 
     # ---- prefills in the background
