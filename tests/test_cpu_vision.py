@@ -84,3 +84,17 @@ def test_encoder_with_its_own_weights_lets_the_eager_ones_go(golden):
     pixels = arrays["preprocess.pixel_values"]
     np.testing.assert_allclose(encoder.encode(pixels), arrays["siglip.aligner_output"], rtol=0, atol=1e-4)
     np.testing.assert_allclose(encoder.encode(pixels[:1]), arrays["siglip.aligner_output"][:1], rtol=0, atol=1e-4)
+
+
+def test_warm_up_runs_every_copy_and_leaves_the_features_alone(encoder, golden, monkeypatch):
+    """The CPU runtime warms the encoder at start (an imported program packs weights on its first run)."""
+    arrays, _ = golden
+    seen = []
+    encode = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda pixels, *, single_thread=False: (
+        seen.append((pixels.shape, single_thread)), encode(pixels, single_thread=single_thread))[1])
+    encoder.warm_up()
+    size = encoder.config.image_size
+    assert seen == [((1, 3, size, size), False), ((1, 3, size, size), True)]
+    pixels = arrays["preprocess.pixel_values"]
+    np.testing.assert_allclose(encode(pixels), arrays["siglip.aligner_output"], rtol=0, atol=1e-4)

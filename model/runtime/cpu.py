@@ -161,9 +161,10 @@ def make_cpu_program(what: str, choice: str, build):
         return None
 
 
-def warmed(decoder):
-    decoder.warm_up()
-    return decoder
+def warmed(program):
+    """`program` after its warm_up(): the first request does not pay for what its first run sets up."""
+    program.warm_up()
+    return program
 
 
 class CpuRuntime(EagerRuntime):
@@ -200,9 +201,9 @@ class CpuRuntime(EagerRuntime):
         # Beside the prefill thread the image encoder runs on one core while rows step (a second compiled copy);
         # with the decoder, prompts are prefilled in the loop, on every core, and one copy does.
         inline = self.decoder is not None
-        self.vision = self.timed("image encoder", cpu_vision, lambda: CpuVisionEncoder(
+        self.vision = self.timed("image encoder", cpu_vision, lambda: warmed(CpuVisionEncoder(
             model, single_thread_copy=not inline, release_eager=inline,
-            store=stores.get("image encoder") if inline else None))
+            store=stores.get("image encoder") if inline else None)))
         self.vq_decoder = self.timed("VQ decoder", cpu_vq, lambda: CpuVQDecoder(model, store=stores.get("VQ decoder")))
         self.cores = cpu_threads()
         self.step_threads = self.cores
