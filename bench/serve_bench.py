@@ -18,7 +18,6 @@ import dataclasses
 import io
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -264,7 +263,7 @@ def generation_cost(model_path: str, concurrencies: list[int], rounds: int = 3) 
     import paddle
 
     from model.cpu_engine import CpuVQDecoder
-    from model.generation import IMAGE_TOKENS, DecodeBatch, image_rngs
+    from model.generation import IMAGE_TOKENS, DecodeBatch, image_seeds
     from model.loader import load_model
     from model.processor import JanusProcessor
     from model.runtime.cpu import limit_blas_threads, use_cpu_threads
@@ -284,7 +283,7 @@ def generation_cost(model_path: str, concurrencies: list[int], rounds: int = 3) 
 
         def images():
             for key in range(c):
-                batch.add_images(key, prompt_ids, pad_id=processor.pad_id, n=1, rngs=image_rngs(key, 1)[1])
+                batch.add_images(key, prompt_ids, pad_id=processor.pad_id, n=1, seeds=image_seeds(key, 1))
             while len(batch):
                 batch.step()
 

@@ -16,58 +16,10 @@ from typing import Any
 import numpy as np
 import paddle
 
+from .sampling import RowParams, SamplingParams, cfg, new_seed, penalize, sample, uniforms
 from .tensors import from_numpy
 
 IMAGE_TOKENS = 576  # 24 x 24 codes per 384 x 384 image
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0: greedy (argmax)
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
-    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence of the token
-
-
-def penalize(logits: np.ndarray, generated: list[int], params: SamplingParams) -> np.ndarray:
-    """OpenAI's presence and frequency penalties over the tokens generated so far (not the prompt's):
-    logit[t] - count[t] * frequency_penalty - (count[t] > 0) * presence_penalty. The logits as they
-    are when both penalties are 0 or nothing has been generated yet."""
-    if not generated or (params.presence_penalty == 0 and params.frequency_penalty == 0):
-        return logits
-    tokens, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
-    out = logits.astype(np.float32, copy=True)
-    out[tokens] -= (counts * params.frequency_penalty + params.presence_penalty).astype(np.float32)
-    return out
-
-
-def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> int:
-    """One token from one row of logits; greedy ties go to the lowest id, as argmax does."""
-    if params.temperature <= 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / params.temperature
-    if params.top_k and params.top_k < scaled.shape[-1]:
-        kth = np.partition(scaled, -params.top_k)[-params.top_k]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max())
-    probs /= probs.sum()
-    if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        keep = cumulative - probs[order] < params.top_p
-        filtered = np.zeros_like(probs)
-        filtered[order[keep]] = probs[order[keep]]
-        probs = filtered / filtered.sum()
-    cdf = np.cumsum(probs)
-    draw = rng.random() * cdf[-1]
-    return int(min(np.searchsorted(cdf, draw, side="right"), len(cdf) - 1))
-
-
-def cfg_logits(cond: np.ndarray, uncond: np.ndarray, cfg_weight: float) -> np.ndarray:
-    """Classifier-free guidance with the reference's expression."""
-    return uncond + cfg_weight * (cond - uncond)
 
 
 def to_uint8_images(decoded: np.ndarray) -> np.ndarray:
@@ -118,7 +70,7 @@ class TextSequence:
     slot: int
     length: int  # positions already in the cache
     params: SamplingParams
-    rng: np.random.Generator
+    seed: int  # its random numbers: model/sampling.py's uniforms(seed, token index)
     max_new_tokens: int
     eos_id: int
     generated: list[int] = dataclasses.field(default_factory=list)
@@ -137,7 +89,7 @@ class ImageSequence:
     slots: list[int]
     length: int
     params: SamplingParams
-    rngs: list[np.random.Generator]
+    seeds: list[int]  # image i's random numbers: uniforms(seeds[i], step)
     cfg_weight: float
     codes: list[list[int]]
 
@@ -177,6 +129,7 @@ class DecodeBatch:
         self.cache = model.new_cache(slots, max_len, allocate=allocate)
         self.pool = SlotPool(slots)
         self.sequences: dict[Any, TextSequence | ImageSequence] = {}
+        self.counts: paddle.Tensor | None = None  # made by the first text row with penalties: _counts
 
     @property
     def rows(self) -> int:
@@ -187,7 +140,7 @@ class DecodeBatch:
 
     def add_text(self, key, input_ids: np.ndarray, *, image_mask: np.ndarray | None = None,
                  pixel_values: np.ndarray | None = None, params: SamplingParams = SamplingParams(),
-                 rng: np.random.Generator | None = None, max_new_tokens: int = 512,
+                 seed: int | None = None, max_new_tokens: int = 512,
                  eos_id: int) -> list[StepEvent]:
         """Prefill one understanding prompt; returns the event of its first token."""
         slot = self.reserve_text(len(input_ids), max_new_tokens)
@@ -196,7 +149,7 @@ class DecodeBatch:
         except BaseException:
             self.pool.give_back([slot])
             raise
-        return self.start_text(key, slot, len(input_ids), logits, params=params, rng=rng,
+        return self.start_text(key, slot, len(input_ids), logits, params=params, seed=seed,
                                max_new_tokens=max_new_tokens, eos_id=eos_id)
 
     # add_text in three parts, so that the prefill may run in another thread (server/engine/worker.py):
@@ -209,27 +162,31 @@ class DecodeBatch:
         return self.pool.take(1)[0]
 
     def prefill_text(self, slot: int, input_ids: np.ndarray, *, image_mask: np.ndarray | None = None,
-                     pixel_values: np.ndarray | None = None) -> np.ndarray:
-        """Run the prompt into cache row `slot` (from reserve_text); its last position's logits [vocab]."""
+                     pixel_values: np.ndarray | None = None) -> paddle.Tensor:
+        """Run the prompt into cache row `slot` (from reserve_text); its last position's logits [1, vocab]."""
         embeds = self.model.embed_tokens(from_numpy(np.asarray(input_ids, np.int64)[None]))
         if pixel_values is not None and len(pixel_values):
             features = self.encode_images(from_numpy(pixel_values))
             embeds = merge_image_features(embeds, features, image_mask)
         hidden = self._forward(embeds, [slot], [0])
-        return self.text_logits(hidden[:, -1]).numpy()[0]
+        return self.text_logits(hidden[:, -1])
 
-    def start_text(self, key, slot: int, length: int, logits: np.ndarray, *,
-                   params: SamplingParams = SamplingParams(), rng: np.random.Generator | None = None,
+    def start_text(self, key, slot: int, length: int, logits: paddle.Tensor, *,
+                   params: SamplingParams = SamplingParams(), seed: int | None = None,
                    max_new_tokens: int = 512, eos_id: int) -> list[StepEvent]:
-        """Join the batch with a prefilled row; returns the event of its first token."""
-        seq = TextSequence(key, slot, length, params, rng or np.random.default_rng(), max_new_tokens, eos_id)
+        """Join the batch with a prefilled row (its logits [1, vocab] from prefill_text); returns the event of
+        its first token. Without a seed it draws one."""
+        seq = TextSequence(key, slot, length, params, new_seed() if seed is None else seed, max_new_tokens, eos_id)
+        if params.penalized:
+            self._counts(logits.shape[-1])[slot] = 0
         self.sequences[key] = seq
-        return self._accept_text(seq, logits)
+        return self._accept_text([seq], logits)
 
     def add_images(self, key, prompt_ids: np.ndarray, *, pad_id: int, n: int, cfg_weight: float = 5.0,
                    params: SamplingParams = SamplingParams(temperature=1.0),
-                   rngs: list[np.random.Generator] | None = None) -> list[StepEvent]:
-        """Prefill the 2n CFG rows of one text-to-image prompt; returns the first step's event."""
+                   seeds: list[int] | None = None) -> list[StepEvent]:
+        """Prefill the 2n CFG rows of one text-to-image prompt; returns the first step's event. Image i draws
+        with seeds[i] (each drawn when not given)."""
         length = len(prompt_ids)
         self._check_fits(length + IMAGE_TOKENS - 1)
         tokens = cfg_prompt_rows(np.asarray(prompt_ids, np.int64), pad_id, n)
@@ -237,15 +194,17 @@ class DecodeBatch:
         try:
             embeds = self.model.embed_tokens(from_numpy(tokens))
             hidden = self._forward(embeds, slots, [0] * (2 * n))
-            logits = self.image_logits(hidden[:, -1]).numpy()
+            logits = self.image_logits(hidden[:, -1])
         except BaseException:
             self.pool.give_back(slots)
             raise
-        if rngs is None:
-            rngs = [np.random.default_rng() for _ in range(n)]
-        seq = ImageSequence(key, slots, length, params, rngs, cfg_weight, [[] for _ in range(n)])
+        seeds = list(seeds) if seeds is not None else [new_seed() for _ in range(n)]
+        if len(seeds) != n:
+            self.pool.give_back(slots)
+            raise ValueError(f"{n} images need {n} seeds, got {len(seeds)}")
+        seq = ImageSequence(key, slots, length, params, seeds, cfg_weight, [[] for _ in range(n)])
         self.sequences[key] = seq
-        return self._accept_codes(seq, logits)
+        return self._accept_codes([seq], logits)
 
     def remove(self, key) -> None:
         """Drop a sequence (finished or cancelled) and free its cache rows."""
@@ -292,43 +251,64 @@ class DecodeBatch:
         hidden = self._forward(embeds, slots, starts)[:, -1]
         events = []
         if text:
-            logits = self.text_logits(hidden[: len(text)]).numpy()
-            for row, seq in enumerate(text):
+            for seq in text:
                 seq.length += 1
-                events.extend(self._accept_text(seq, logits[row]))
+            events.extend(self._accept_text(text, self.text_logits(hidden[: len(text)])))
         if image:
-            logits = self.image_logits(hidden[len(text):]).numpy()
-            row = 0
             for seq in image:
                 seq.length += 1
-                events.extend(self._accept_codes(seq, logits[row: row + seq.rows]))
-                row += seq.rows
+            events.extend(self._accept_codes(image, self.image_logits(hidden[len(text):])))
         return events
 
     def _forward(self, embeds, slots: list[int], starts: list[int]):
         return self.forward_hidden(embeds, self.cache, np.asarray(slots, np.int64), np.asarray(starts, np.int64))
 
-    def _accept_text(self, seq: TextSequence, logits: np.ndarray) -> list[StepEvent]:
-        token = sample_token(penalize(logits, seq.generated, seq.params), seq.params, seq.rng)
-        seq.generated.append(token)
-        events = [StepEvent(seq.key, "token", token=token)]
-        if token == seq.eos_id:
-            seq.finish_reason = "stop"
-        elif len(seq.generated) >= seq.max_new_tokens:
-            seq.finish_reason = "length"
-        if seq.finish_reason:
-            self.remove(seq.key)
-            events.append(StepEvent(seq.key, "text_done", finish_reason=seq.finish_reason))
+    def _counts(self, vocab: int) -> paddle.Tensor:
+        """[slots, vocab] float32: how often each text row generated each token (for the penalties)."""
+        if self.counts is None:
+            self.counts = paddle.zeros([self.cache.num_slots, vocab], dtype="float32")
+        return self.counts
+
+    def _accept_text(self, text: list[TextSequence], logits: paddle.Tensor) -> list[StepEvent]:
+        """Sample the next token of each sequence from its row of logits [len(text), vocab]."""
+        params = [seq.params for seq in text]
+        rows = RowParams.of(params, uniforms([seq.seed for seq in text], [len(seq.generated) for seq in text]))
+        if rows.any_penalty:
+            counts = self._counts(logits.shape[-1])
+            index = from_numpy(np.array([seq.slot for seq in text], np.int64))
+            logits = penalize(logits, paddle.gather(counts, index), rows)
+        tokens = sample(logits, rows)
+        if rows.any_penalty:
+            self.counts = paddle.index_add(counts, index, 0, paddle.nn.functional.one_hot(tokens, counts.shape[-1]))
+        events = []
+        for seq, token in zip(text, tokens.numpy().tolist()):
+            seq.generated.append(token)
+            events.append(StepEvent(seq.key, "token", token=token))
+            if token == seq.eos_id:
+                seq.finish_reason = "stop"
+            elif len(seq.generated) >= seq.max_new_tokens:
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                self.remove(seq.key)
+                events.append(StepEvent(seq.key, "text_done", finish_reason=seq.finish_reason))
         return events
 
-    def _accept_codes(self, seq: ImageSequence, logits: np.ndarray) -> list[StepEvent]:
-        for image, codes in enumerate(seq.codes):
-            guided = cfg_logits(logits[2 * image], logits[2 * image + 1], seq.cfg_weight)
-            codes.append(sample_token(guided, seq.params, seq.rngs[image]))
-        events = [StepEvent(seq.key, "progress", step=seq.step)]
-        if seq.step == IMAGE_TOKENS:
-            self.remove(seq.key)
-            events.append(StepEvent(seq.key, "codes_done", codes=np.array(seq.codes, np.int64)))
+    def _accept_codes(self, image: list[ImageSequence], logits: paddle.Tensor) -> list[StepEvent]:
+        """Guide and sample the next code of every image of `image` from their rows of logits (conditional,
+        unconditional for each image, in order)."""
+        weights = np.array([seq.cfg_weight for seq in image for _ in seq.codes], np.float32)[:, None]
+        guided = cfg(logits[0::2], logits[1::2], from_numpy(weights))
+        rows = RowParams.of([seq.params for seq in image for _ in seq.codes],
+                            uniforms([s for seq in image for s in seq.seeds], [seq.step for seq in image for _ in seq.codes]))
+        codes = iter(sample(guided, rows).numpy().tolist())
+        events = []
+        for seq in image:
+            for image_codes in seq.codes:
+                image_codes.append(next(codes))
+            events.append(StepEvent(seq.key, "progress", step=seq.step))
+            if seq.step == IMAGE_TOKENS:
+                self.remove(seq.key)
+                events.append(StepEvent(seq.key, "codes_done", codes=np.array(seq.codes, np.int64)))
         return events
 
     def _check_fits(self, positions: int) -> None:
@@ -354,10 +334,9 @@ def merge_image_features(embeds, features, image_mask):
     return flat.reshape(embeds.shape)
 
 
-def image_rngs(seed: int, n: int) -> tuple[list[int], list[np.random.Generator]]:
+def image_seeds(seed: int, n: int) -> list[int]:
     """Image i of a request with `seed` uses seed + i, so n=1 with that seed redraws it."""
-    seeds = [(seed + i) % 2**63 for i in range(n)]
-    return seeds, [np.random.default_rng(s) for s in seeds]
+    return [(seed + i) % 2**63 for i in range(n)]
 
 
 def generate_text(model, inputs: list[dict], *, eos_id: int, params: SamplingParams = SamplingParams(),
@@ -371,7 +350,7 @@ def generate_text(model, inputs: list[dict], *, eos_id: int, params: SamplingPar
     for i, x in enumerate(inputs):
         events += batch.add_text(i, x["input_ids"], image_mask=x.get("image_mask"),
                                  pixel_values=x.get("pixel_values"), params=params,
-                                 rng=np.random.default_rng(seeds[i]), max_new_tokens=max_new_tokens, eos_id=eos_id)
+                                 seed=seeds[i], max_new_tokens=max_new_tokens, eos_id=eos_id)
     while True:
         for event in events:
             if event.kind == "token":
@@ -386,8 +365,8 @@ def generate_images(model, prompt_ids: np.ndarray, *, pad_id: int, n: int = 1, c
                     on_step=None) -> tuple[np.ndarray, np.ndarray]:
     """(codes [n,576], images [n,384,384,3] uint8) for one prompt."""
     batch = DecodeBatch(model, slots=2 * n, max_len=len(prompt_ids) + IMAGE_TOKENS)
-    _, rngs = image_rngs(seed, n)
-    events = batch.add_images(0, prompt_ids, pad_id=pad_id, n=n, cfg_weight=cfg_weight, params=params, rngs=rngs)
+    events = batch.add_images(0, prompt_ids, pad_id=pad_id, n=n, cfg_weight=cfg_weight, params=params,
+                              seeds=image_seeds(seed, n))
     while True:
         for event in events:
             if on_step and event.kind == "progress":

@@ -212,7 +212,9 @@ def test_retry_after_agrees_with_how_fast_the_queue_really_drains(server_loop, j
     """A 200-request burst against 8 waiting places: every 429's Retry-After is within reach of when the
     queue it was refused by had in fact drained (it was 18-52 s against a 9 s drain, before)."""
     # two requests run at once, eight wait: a burst of 200 overflows that whatever the machine's speed
-    live = server_loop.start(server_settings(janus_home, max_queue=8, max_running_requests=2, max_new_tokens_limit=64))
+    # 256 tokens each: the queue takes seconds to drain, long beside the time a 429 takes to reach the
+    # client with 200 answers at once on 2 cores (at 64 tokens that delay decided the test)
+    live = server_loop.start(server_settings(janus_home, max_queue=8, max_running_requests=2, max_new_tokens_limit=256))
 
     async def run() -> list[tuple[float, int, str | None]]:
         limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
@@ -225,7 +227,7 @@ def test_retry_after_agrees_with_how_fast_the_queue_really_drains(server_loop, j
 
             async def one(i: int) -> tuple[float, int, str | None]:
                 response = await http.post("/understand", json={  # sampled: no early end of text
-                    "question": f"Tell story {i}.", "max_new_tokens": 64, "temperature": 1.0, "seed": i})
+                    "question": f"Tell story {i}.", "max_new_tokens": 256, "temperature": 1.0, "seed": i})
                 return time.monotonic(), response.status_code, response.headers.get("retry-after")
 
             return await asyncio.gather(*(one(i) for i in range(200)))

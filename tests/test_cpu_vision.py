@@ -62,7 +62,7 @@ def test_understanding_through_the_encoder_matches_the_reference(model, encoder,
     slot = batch.reserve_text(len(ids), 24)
     logits = batch.prefill_text(slot, ids, image_mask=arrays[p + "images_seq_mask"][0],
                                 pixel_values=arrays[p + "pixel_values"][0])
-    np.testing.assert_allclose(logits, arrays[p + "prefill_logits"][0, -1], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(logits.numpy()[0], arrays[p + "prefill_logits"][0, -1], rtol=0, atol=1e-4)
     events = batch.start_text("r", slot, len(ids), logits, max_new_tokens=24,
                               eos_id=cases["special_token_ids"]["eos_token_id"])
     tokens = []

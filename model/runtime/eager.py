@@ -82,14 +82,14 @@ class EagerRuntime:
             else:
                 events = self.batch.add_images(
                     rid, payload["prompt_ids"], pad_id=self.pad_id, n=payload["n"], cfg_weight=payload["cfg_weight"],
-                    params=sampling(payload), rngs=[np.random.default_rng(seed) for seed in payload["seeds"]])
+                    params=sampling(payload), seeds=payload["seeds"])
         except Exception as error:  # noqa: BLE001 - this request fails alone; DecodeBatch freed its rows
             return done(error=error)
         return done(events)
 
     def text_options(self, payload: dict[str, Any]) -> dict[str, Any]:
         """How an understanding request samples and stops (DecodeBatch.add_text / start_text)."""
-        return {"params": sampling(payload), "rng": np.random.default_rng(payload["seed"]),
+        return {"params": sampling(payload), "seed": payload["seed"],
                 "max_new_tokens": payload["max_new_tokens"], "eos_id": self.eos_id}
 
     def poll(self) -> None:
