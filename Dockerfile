@@ -38,6 +38,8 @@ RUN apt-get update \
 COPY --from=cpu-build /opt/venv /opt/venv
 COPY docker/entrypoint.sh /usr/local/bin/janus-entrypoint
 COPY docker/healthcheck.py /usr/local/bin/janus-healthcheck
+# The golden set `janus-server check` runs (the official code's outputs for a tiny random model, 33 MB)
+COPY tests/golden/janus-tiny /opt/janus-server/golden/janus-tiny
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     JANUS_HOME=/models \
@@ -93,6 +95,8 @@ FROM gpu-base AS gpu
 COPY --from=gpu-build /opt/venv /opt/venv
 COPY docker/entrypoint.sh /usr/local/bin/janus-entrypoint
 COPY docker/healthcheck.py /usr/local/bin/janus-healthcheck
+# The golden set `janus-server check` runs (the official code's outputs for a tiny random model, 33 MB)
+COPY tests/golden/janus-tiny /opt/janus-server/golden/janus-tiny
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     JANUS_HOME=/models \

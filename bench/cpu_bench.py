@@ -28,7 +28,6 @@ peer's lines carry impl "peer" and dtype).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -152,64 +151,18 @@ def rss_bytes(field: str) -> int:
     return 0
 
 
-def read_bandwidth() -> float:
-    """GB/s reading a 1 GiB float32 array, each half summed by its own thread (numpy releases the GIL)."""
-    import numpy as np
-
-    src = np.ones(1 << 28, np.float32)
-    halves = [src[: src.size // 2], src[src.size // 2:]]
-    best = float("inf")
-    for _ in range(5):
-        threads = [threading.Thread(target=np.add.reduce, args=(h,)) for h in halves]
-        started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        best = min(best, time.perf_counter() - started)
-    return src.nbytes / best / 1e9
-
-
-def build_llama(layers: int | None):
-    """Janus-1.3B's LlamaModel with random weights from numpy (Paddle's initialisers take minutes)."""
-    import numpy as np
-    import paddle
-
-    from model.config import JanusConfig
-    from model.llama import LlamaModel
-
-    config = JanusConfig.from_name("deepseek-ai/Janus-1.3B").language
-    if layers:
-        config = dataclasses.replace(config, num_hidden_layers=layers)
-    paddle.nn.initializer.set_global_initializer(paddle.nn.initializer.Constant(0.0))
-    try:
-        model = LlamaModel(config)
-    finally:
-        paddle.nn.initializer.set_global_initializer(None)
-    model.eval()
-    del model.embed_tokens  # the bench feeds embeddings directly
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal((1 << 22) + 7).astype(np.float32)  # tiled with a period prime to every width
-    for _, param in model.named_parameters():
-        offset = int(rng.integers(1 << 20))
-        if len(param.shape) == 1:
-            param.set_value(np.float32(1.0) + np.float32(0.1) * np.resize(base[offset:], param.shape))
-        else:
-            param.set_value(np.float32(1.0 / np.sqrt(param.shape[0])) * np.resize(base[offset:], param.shape))
-    return model
-
-
 def child(args) -> None:
     sys.path.insert(0, str(ROOT))
     import numpy as np
     import paddle
 
     from model.cpu_decoder import CpuDecoder
+    from model.selfcheck import cpu_name, cpu_read_bandwidth, random_language_model
 
     mode = args.child
     rows_list = [int(r) for r in args.rows.split(",")]
     cached_list = [int(c) for c in args.cached.split(",")]
-    model = build_llama(args.layers)
+    model = random_language_model(args.layers)
     hidden = model.config.hidden_size
     rng = np.random.default_rng(1)
     # Random heads of the real sizes: logits are where an error shows to a user.
@@ -267,7 +220,7 @@ def child(args) -> None:
         got, want = fast_forward(two, small, [0, 1], [c, c]), reference[c]
         hidden_errors[c] = float(np.abs(got - want).max() / np.abs(want).max())
     small = None  # 2 rows: freed before the full cache is made
-    read_gbs = read_bandwidth()
+    read_gbs = cpu_read_bandwidth() / 1e9
     weight_bytes = decoder.weight_bytes
     floor_ms = weight_bytes / (read_gbs * 1e9) * 1e3
     cache = random_cache(model, most_rows, longest + 1)
@@ -374,14 +327,6 @@ def random_cache(model, rows: int, length: int, seed: int = 2):
         view = np.from_dlpack(t)
         view[...] = fill.standard_normal(view.shape[1:], np.float32)[None] * 0.5
     return cache
-
-
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "?"
 
 
 def main() -> None:

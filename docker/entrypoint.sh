@@ -1,7 +1,13 @@
 #!/bin/sh
 # Container entrypoint: make sure the weights are in the volume, then become the server.
-# Arguments are `janus-server serve` flags; settings otherwise come from JANUS_* variables.
+# Arguments are `janus-server serve` flags (or a `check` or `download` command); settings otherwise
+# come from JANUS_* variables.
 set -eu
+
+# `check` (the self-check on this machine's device) and `download` run as they are, nothing else first.
+case "${1:-}" in
+    check | download) exec janus-server "$@" ;;
+esac
 
 model="${JANUS_MODEL:-deepseek-ai/Janus-1.3B}"
 case "$(printf '%s' "${JANUS_OFFLINE:-}" | tr '[:upper:]' '[:lower:]')" in

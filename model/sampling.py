@@ -157,3 +157,26 @@ def sample(logits: paddle.Tensor, rows: RowParams) -> paddle.Tensor:
     last = vocab - 1 - paddle.argmax(paddle.flip((probs > 0).astype("int64"), axis=[-1]), axis=-1)
     index = paddle.minimum(index, last)
     return paddle.where(hot, index, greedy)
+
+
+def reference_draw(logits: np.ndarray, params: SamplingParams, u: float, token: int, slack: float = 1e-5) -> bool:
+    """Whether `token` is what the definition draws from one row of `logits` with random number `u`, computed
+    in float64: a token the filters keep, whose interval of the cumulative probability holds u (within
+    `slack`, for float32's rounding of the sums on the device)."""
+    logits = np.asarray(logits, np.float64)
+    if params.temperature <= 0:
+        return token == int(np.argmax(logits))
+    z = logits / params.temperature
+    if 0 < params.top_k < len(z):
+        z = np.where(z < np.sort(z)[-params.top_k], -np.inf, z)
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if params.top_p < 1:
+        ordered = np.sort(probs)[::-1]
+        before = np.cumsum(ordered) - ordered
+        probs = np.where(probs < ordered[max(int((before < params.top_p).sum()) - 1, 0)], 0.0, probs)
+    probs /= probs.sum()
+    if not 0 <= token < len(probs) or probs[token] == 0:
+        return False
+    high = float(np.cumsum(probs)[token])
+    return high - probs[token] - slack <= u <= high + slack

@@ -6,6 +6,7 @@ a flag given on the command line wins over the JANUS_* environment variable.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
@@ -47,7 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument(
         "--source", default=None, help="paddlenlp, hf, or an order such as hf,paddlenlp [env JANUS_MODEL_SOURCE]."
     )
+    check = commands.add_parser(
+        "check", help="Run the golden set and time the decode step on this machine's device; write a JSON report.")
+    check.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, or a GPU index.")
+    check.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: bfloat16 on GPU, float32 on CPU (as serve loads the model).")
+    check.add_argument("--golden", default=None, help="The golden set's folder (found by itself in a checkout "
+                       "and in the container images) [env JANUS_GOLDEN].")
+    check.add_argument("--rows", default="2,32", help="Batch rows to time the step at (one image is 2 rows).")
+    check.add_argument("--cached", type=int, default=64, help="Positions already in the cache when timing.")
+    check.add_argument("--layers", type=int, default=None,
+                       help="Time this many of Janus-1.3B's 24 layers (default all; fewer for a quick look).")
+    check.add_argument("--rounds", type=int, default=5, help="Timed steps per figure (the median is reported).")
+    check.add_argument("--no-timing", action="store_true", help="Only the golden set.")
+    check.add_argument("--report", default="janus-check.json", help="Where to write the JSON report.")
     return parser
+
+
+def check(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # importing Paddle would pin it to 1
+    from model.selfcheck import run
+
+    try:
+        return run(args)
+    except (FileNotFoundError, RuntimeError) as error:
+        print(f"janus-server check: {error}", file=sys.stderr)
+        return 2
 
 
 def serve(settings: Settings) -> None:
@@ -84,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "download":
         return download(args.model, args.home, args.source)
+    if args.command == "check":
+        return check(args)
     try:
         settings = serve_settings(args)
     except ValidationError as error:

@@ -442,7 +442,18 @@ def test_image_holds_no_weights(docker, image):
     found = docker.run("run", "--rm", "--network", "host", "--user", "0", "--entrypoint", "sh", image, "-c",
                        'find / -xdev \\( -name "*.safetensors" -o -name "*.pdparams" -o -name "*.pdiparams" '
                        '-o -name "*.pdmodel" -o -name "janus-tiny" \\) -print; echo /models:; ls -A /models')
-    assert found.stdout.split() == ["/models:"], found.stdout
+    # only the golden set of `janus-server check`: janus-tiny's 19 MB of random weights and the official outputs
+    golden = "/opt/janus-server/golden/janus-tiny"
+    assert found.stdout.split() == [golden, f"{golden}/model.safetensors", "/models:"], found.stdout
+
+
+@container
+def test_the_self_check_passes_in_the_image(docker, image):
+    """`docker run IMAGE check`: the golden set through the image's own Paddle and OpenVINO, and the step timed."""
+    done = docker.run("run", "--rm", "--network", "host", image, "check", "--device", "cpu", "--layers", "1",
+                      "--rows", "2", "--rounds", "2", "--report", "/tmp/check.json", check=False, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "passed" in done.stdout and "understanding conv1" in done.stdout and "openvino" in done.stdout
 
 
 @container

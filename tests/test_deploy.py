@@ -343,7 +343,7 @@ def test_build_context_has_what_the_image_copies_and_nothing_else():
     assert sources
     for source in sources:
         assert not dockerignore_excludes(source.rstrip("/")), f".dockerignore drops {source}"
-        files = [ROOT / source] if (ROOT / source).is_file() else list((ROOT / source).rglob("*.py"))
+        files = [ROOT / source] if (ROOT / source).is_file() else [f for f in (ROOT / source).rglob("*") if f.is_file()]
         assert files and all(f.exists() for f in files), f"{source} is not in the repository"
     for kept_out in (".venv/bin/python", ".git/HEAD", "tests/test_deploy.py", "server/__pycache__/x.pyc",
                      "docker/k8s/deployment.yaml"):
@@ -436,13 +436,14 @@ def test_settings_defaults_and_deployed_values(monkeypatch):
 
 
 def cli_flags() -> dict[str, set[str]]:
-    """`janus-server` flags used in the deployment files, per subcommand (an image name means serve)."""
-    flags: dict[str, set[str]] = {"serve": set(), "download": set()}
-    pattern = re.compile(r"janus-server(?P<cmd>:[\w.-]+| serve| download)(?P<rest>[^`\n]*)")
+    """`janus-server` flags used in the deployment files, per subcommand (an image name means serve, unless
+    `check` follows it)."""
+    flags: dict[str, set[str]] = {"serve": set(), "download": set(), "check": set()}
+    pattern = re.compile(r"janus-server(?P<cmd>:[\w.-]+(?: check)?| serve| download| check)(?P<rest>[^`\n]*)")
     for path in (DOCS, ENTRYPOINT, K8S / "deployment.yaml"):
         text = path.read_text().replace('", "', " ")  # JSON-style command lists read as one line
         for match in pattern.finditer(text):
-            command = "download" if match["cmd"] == " download" else "serve"
+            command = match["cmd"].split()[-1] if match["cmd"].endswith(("download", "check")) else "serve"
             flags[command] |= set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", match["rest"]))
     # The entrypoint reads these itself to mirror the server.
     flags["serve"] |= {"--model", "--offline", "--no-offline"}
@@ -498,6 +499,15 @@ def test_entrypoint_downloads_only_when_needed_then_execs_serve(fake_server_bin,
     expected = ([f"download {download}".strip()] if download else []) + [f"serve {serve}".strip()]
     assert [rest for _, rest in calls] == expected
     assert calls[-1][0] == str(process.pid), "serve must replace the entrypoint (exec) to receive SIGTERM"
+
+
+@pytest.mark.parametrize("args", [["check", "--device", "cpu"], ["download", "--model", "janus-tiny"]])
+def test_entrypoint_runs_check_and_download_as_they_are(fake_server_bin, tmp_path, args):
+    log = tmp_path / "calls"
+    process = subprocess.Popen([str(ENTRYPOINT), *args], env=clean_env(
+        PATH=f"{fake_server_bin}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log)))
+    assert process.wait(timeout=30) == 0
+    assert log.read_text().splitlines() == [f"{process.pid} {' '.join(args)}"]
 
 
 def test_entrypoint_stops_when_the_download_fails(fake_server_bin, tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import paddle
 import pytest
 
-from model.sampling import RowParams, SamplingParams, cfg, penalize, philox4x32, sample, uniforms
+from model.sampling import RowParams, SamplingParams, cfg, penalize, philox4x32, reference_draw, sample, uniforms
 
 # Random123's known answers for Philox4x32-10 (its kat_vectors)
 PHILOX_KNOWN = [
@@ -36,30 +36,6 @@ def test_uniforms_depend_on_seed_and_step_alone():
     assert abs(many.mean() - 0.5) < 0.01 and abs((many < 0.1).mean() - 0.1) < 0.01
 
 
-def reference(logits: np.ndarray, params: SamplingParams, u: float) -> tuple[set[int], np.ndarray]:
-    """The kept tokens and their probabilities (float64) for one row, by the definition."""
-    if params.temperature <= 0:
-        return {int(np.argmax(logits))}, None
-    z = logits.astype(np.float64) / params.temperature
-    if 0 < params.top_k < len(z):
-        z = np.where(z < np.sort(z)[-params.top_k], -np.inf, z)
-    probs = np.exp(z - z.max())
-    probs /= probs.sum()
-    if params.top_p < 1:
-        ordered = np.sort(probs)[::-1]
-        before = np.cumsum(ordered) - ordered
-        floor = ordered[max(int((before < params.top_p).sum()) - 1, 0)]
-        probs = np.where(probs < floor, 0.0, probs)
-    return {int(i) for i in np.flatnonzero(probs)}, probs / probs.sum()
-
-
-def draw_agrees(token: int, probs: np.ndarray, u: float, slack: float = 1e-5) -> bool:
-    """`token`'s cumulative interval holds u, within float32 rounding of the sums."""
-    cdf = np.cumsum(probs)
-    low = cdf[token] - probs[token]
-    return probs[token] > 0 and low - slack <= u <= cdf[token] + slack
-
-
 def run(logits: np.ndarray, params: list[SamplingParams], u: np.ndarray) -> np.ndarray:
     return sample(paddle.to_tensor(logits), RowParams.of(params, u)).numpy()
 
@@ -79,10 +55,9 @@ def test_each_row_draws_from_its_kept_tokens_by_its_uniform():
         tokens = run(logits, params, u)
         assert tokens.dtype == np.int64
         for row, (token, p) in enumerate(zip(tokens, params)):
-            kept, probs = reference(logits[row], p, float(u[row]))
-            assert int(token) in kept, (trial, row, p)
-            if probs is not None:
-                assert draw_agrees(int(token), probs, float(u[row])), (trial, row, p)
+            assert reference_draw(logits[row], p, float(u[row]), int(token)), (trial, row, p)
+            if p.temperature > 0:  # and not another token beside it
+                assert not reference_draw(logits[row], p, float(u[row]), int(token) + 1, slack=0)
 
 
 def test_a_row_draws_the_same_alone_or_beside_others():
