@@ -118,15 +118,16 @@ class DecodeBatch:
     """All running sequences of one model, sharing one preallocated KV cache."""
 
     def __init__(self, model, *, slots: int, max_len: int, forward_hidden=None, encode_images=None,
-                 allocate=None):
-        """`forward_hidden`, `encode_images`: other implementations of the model's methods of those names
-        (model.cpu_engine's, model.cpu_vision's); `allocate`: the cache's buffers (KVCache)."""
+                 allocate=None, new_cache=None):
+        """`forward_hidden`, `encode_images`, `new_cache`: other implementations of the model's methods of those
+        names (model.cpu_engine's, model.cpu_vision's, model.static_step's); `allocate`: the cache's buffers
+        (KVCache)."""
         self.model = model
         self.forward_hidden = forward_hidden or model.forward_hidden
         self.encode_images = encode_images or model.encode_images
         self.text_logits, self.image_logits = model.text_logits, model.image_logits  # model/cpu_heads.py's on CPU
         self.max_len = max_len
-        self.cache = model.new_cache(slots, max_len, allocate=allocate)
+        self.cache = (new_cache or model.new_cache)(slots, max_len, allocate=allocate)
         self.pool = SlotPool(slots)
         self.sequences: dict[Any, TextSequence | ImageSequence] = {}
         self.counts: paddle.Tensor | None = None  # made by the first text row with penalties: _counts

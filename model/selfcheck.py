@@ -67,8 +67,9 @@ class Comparison:
         return {**dataclasses.asdict(self), "passed": self.passed}
 
 
-def golden_check(golden: Path, device: str, dtype: str) -> tuple[list[Comparison], dict[str, Any]]:
-    """The golden cases through the runtime `device` serves with; (comparisons, what ran)."""
+def golden_check(golden: Path, device: str, dtype: str, runtime_class=None) -> tuple[list[Comparison], dict[str, Any]]:
+    """The golden cases through the runtime `device` serves with (or a `runtime_class` of model/runtime/);
+    (comparisons, what ran)."""
     from .runtime.device import load, make_runtime
     from .sampling import cfg
 
@@ -76,7 +77,8 @@ def golden_check(golden: Path, device: str, dtype: str) -> tuple[list[Comparison
         cases = {name: data[name] for name in data.files}
     special = json.loads((golden / "cases.json").read_text())["special_token_ids"]
     model = load(str(golden), dtype, device)
-    runtime = make_runtime(model, device, eos_id=special["eos_token_id"], pad_id=special["tokenizer.pad_token_id"])
+    ids = {"eos_id": special["eos_token_id"], "pad_id": special["tokenizer.pad_token_id"]}
+    runtime = runtime_class(model, **ids) if runtime_class else make_runtime(model, device, **ids)
     longest = max(cases[f"understanding.{c}.input_ids"].shape[1] + 24 for c in ("conv1", "conv2"))
     runtime.open_cache(4, max(longest, cases["generation.input_ids"].shape[1] + IMAGE_TOKENS))
     batch = runtime.batch
@@ -222,8 +224,9 @@ def device_bandwidth(device: str) -> float:
     return 2 * (1 << 30) / best
 
 
-def count_ops(run) -> dict[str, int]:
-    """Paddle operations (dygraph operators) launched by run(), by name, from Paddle's profiler."""
+def count_ops(run, within: str | None = None) -> dict[str, int]:
+    """Paddle operations (dygraph operators) launched by run(), by name, from Paddle's profiler; `within`: only
+    those under events of that name (paddle.profiler.RecordEvent)."""
     import paddle.profiler as profiler
 
     prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU], on_trace_ready=lambda _: None)
@@ -234,15 +237,16 @@ def count_ops(run) -> dict[str, int]:
         prof.stop()
     counts: dict[str, int] = {}
 
-    def walk(node):
-        if node.type == profiler.TracerEventType.Operator:
+    def walk(node, inside: bool):
+        inside = inside or node.name == within
+        if node.type == profiler.TracerEventType.Operator and inside:
             name = node.name.replace(" dygraph", "")
             counts[name] = counts.get(name, 0) + 1
         for child in node.children_node:
-            walk(child)
+            walk(child, inside)
 
     for root in prof.profiler_result.get_data().values():
-        walk(root)
+        walk(root, within is None)
     return counts
 
 
@@ -282,6 +286,16 @@ def step_timing(device: str, dtype: str, *, layers: int | None, rows: list[int],
     lines = [{"step": "eager", "rows": b, "cached": cached, "ms_median": round(median_ms(lambda: eager(b), rounds,
                                                                                            synchronize), 2)} for b in rows]
     ops = count_ops(lambda: eager(min(rows)))
+    from .static_step import StaticStep  # the GPU runtime's step (on CPU unfused)
+
+    static = StaticStep(model, dtype)
+    static_cache = static.new_cache(max(rows), cached + 1)
+    for b in rows:
+        ms = median_ms(lambda: static.forward_hidden(embeds[b], static_cache, np.arange(b), np.full(b, cached)), rounds,
+                       synchronize)
+        lines.append({"step": "static", "rows": b, "cached": cached, "ms_median": round(ms, 2)})
+    static_ops = count_ops(lambda: static.forward_hidden(embeds[min(rows)], static_cache, np.arange(min(rows)),
+                                                         np.full(min(rows), cached)))
     if device == "cpu":  # the CPU runtime's own step: its programs (the eager layers are freed)
         from .cpu_decoder import CpuDecoder
 
@@ -296,7 +310,8 @@ def step_timing(device: str, dtype: str, *, layers: int | None, rows: list[int],
             "bandwidth_gbs": round(bandwidth / 1e9, 1), "floor_ms": round(floor_ms, 2), "steps": lines,
             "captured": "not available: CUDA graphs need a GPU build of Paddle" if device == "cpu" else
             "not built yet", "ops_per_step": sum(ops.values()),
-            "ops_per_layer": round(sum(ops.values()) / model.config.num_hidden_layers, 1), "ops": ops}
+            "ops_per_layer": round(sum(ops.values()) / model.config.num_hidden_layers, 1), "ops": ops,
+            "static_ops_per_step": sum(static_ops.values()), "static_fused_norms": static.fused}
 
 
 # ---- the command
@@ -328,8 +343,9 @@ def run(args) -> int:
             print(f"    {line['step']:<9} {line['rows']:>3} rows: {line['ms_median']:8.2f} ms ({line['x_floor']:.2f}x "
                   f"the floor)")
         print(f"    captured: {timing['captured']}")
-        print(f"    eager Paddle operations: {timing['ops_per_step']} per step at {min(rows)} rows, "
-              f"{timing['ops_per_layer']} per layer")
+        print(f"    Paddle operations per step at {min(rows)} rows: eager {timing['ops_per_step']} "
+              f"({timing['ops_per_layer']} per layer), static {timing['static_ops_per_step']}"
+              f"{'' if timing['static_fused_norms'] else ' (norms unfused)'}")
     Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
     print(f"  report: {args.report}; {'passed' if report['passed'] else 'FAILED'}")
     return 0 if report["passed"] else 1

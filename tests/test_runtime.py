@@ -9,6 +9,7 @@ import pytest
 
 from model.loader import load_model
 from model.runtime.eager import EagerRuntime
+from model.runtime.gpu import GpuRuntime
 from server.engine.scheduler import Scheduler
 
 GOLDEN = Path(__file__).parent / "golden" / "janus-tiny"
@@ -68,9 +69,12 @@ def eager(model, cases, slots=8, previews=False):
     return opened(EagerRuntime, model, cases, slots, previews=previews)
 
 
-def test_eager_runtime_gives_the_reference_text_and_images_batched(model, golden):
+@pytest.mark.parametrize("runtime_class", [EagerRuntime, GpuRuntime])
+def test_eager_runtime_gives_the_reference_text_and_images_batched(model, golden, runtime_class):
+    """The eager runtime, and the GPU runtime's static step (run here on CPU, unfused)."""
     arrays, cases = golden
-    runtime = eager(model, cases)
+    runtime = opened(runtime_class, model, cases, 8, previews=False)
+    assert runtime.describe().get("step", "static") == "static"
     outbox = run_all(runtime, [understand_message(arrays, "u1", "conv1"), understand_message(arrays, "u2", "conv2"),
                                generate_message(arrays, "g", [0, 1])])
     for rid, case in (("u1", "conv1"), ("u2", "conv2")):

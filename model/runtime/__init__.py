@@ -28,5 +28,6 @@ StepEvent (model/generation.py): key (the rid), kind "token" | "progress" | "tex
 "codes_done", and token, step, finish_reason or codes.
 
 Runtimes: eager.EagerRuntime (eager Paddle on any device: the reference every other runtime is
-tested against, and what a GPU runs).
+tested against), gpu.GpuRuntime (the eager runtime with model/static_step.py's decode step: what a
+GPU runs), cpu.CpuRuntime (OpenVINO programs: what a CPU runs).
 """

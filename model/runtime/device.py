@@ -84,13 +84,13 @@ def cuda_free_bytes(index: int) -> int | None:
 
 def make_runtime(model, device: str, *, eos_id: int, pad_id: int, cpu_engine: str = "auto",
                  cpu_precision: str = "exact", cpu_vq: str = "auto", cpu_vision: str = "auto", program_stores=None):
-    """The CPU runtime on CPU (model/runtime/cpu.py), eager Paddle elsewhere; its cache comes later
-    (runtime.open_cache)."""
+    """The CPU runtime on CPU (model/runtime/cpu.py), the GPU runtime elsewhere (model/runtime/gpu.py: eager
+    Paddle with a static decode step); its cache comes later (runtime.open_cache)."""
     if device == "cpu":
         from .cpu import CpuRuntime
 
         return CpuRuntime(model, eos_id=eos_id, pad_id=pad_id, cpu_engine=cpu_engine, cpu_precision=cpu_precision,
                           cpu_vq=cpu_vq, cpu_vision=cpu_vision, program_stores=program_stores)
-    from .eager import EagerRuntime
+    from .gpu import GpuRuntime
 
-    return EagerRuntime(model, eos_id=eos_id, pad_id=pad_id)
+    return GpuRuntime(model, eos_id=eos_id, pad_id=pad_id)
