@@ -84,6 +84,7 @@ class StaticStep:
         self.inv_freq = lm.inv_freq
         self.tables: dict[int, tuple] = {}  # max_len -> rotary factors and key positions (_tables)
         self.buffers: dict[int, paddle.Tensor] = {}  # row bucket -> [2, bucket] int64: slots, positions
+        self.runner = self.step  # what runs a decode step's static part (model/graphs.py replays it from graphs)
 
     # ---- the cache
 
@@ -138,13 +139,21 @@ class StaticStep:
         index = np.empty((2, bucket), np.int64)
         index[0, :batch], index[0, batch:] = slots, cache.scratch
         index[1, :batch], index[1, batch:] = positions, 0
-        buffer = self.buffers.get(bucket)
-        if buffer is None:
-            buffer = self.buffers[bucket] = paddle.empty([2, bucket], dtype="int64")
-        buffer.set_value(index)  # the step's one host-to-device copy
+        buffer = self.index_buffer(bucket)
+        buffer.set_value(index)  # the step's one host-to-device copy, in place
         x = embeds if batch == bucket else paddle.concat(
             [embeds, paddle.zeros([bucket - batch, 1, embeds.shape[2]], dtype=embeds.dtype)])
-        return self.step(x, cache, buffer, length)[:batch]
+        return self.runner(x, cache, buffer, length)[:batch]
+
+    def index_buffer(self, bucket: int) -> paddle.Tensor:
+        """The [2, bucket] int64 buffer (slots, positions) a step of `bucket` rows reads: made once, refilled."""
+        if bucket not in self.buffers:
+            self.buffers[bucket] = paddle.zeros([2, bucket], dtype="int64")
+        return self.buffers[bucket]
+
+    def length_buckets(self, max_len: int) -> list[int]:
+        """Every cached length a decode step runs at with a cache of `max_len` positions."""
+        return sorted({min(length, max_len) for length in range(LENGTH_BUCKET, max_len + LENGTH_BUCKET, LENGTH_BUCKET)})
 
     def step(self, x: paddle.Tensor, cache: StaticCache, index: paddle.Tensor, length: int) -> paddle.Tensor:
         """The captured part: x [bucket, 1, hidden] at index [2, bucket] (slots, positions), keys up to `length`."""

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..generation import DecodeBatch
-from ..static_step import StaticStep
+from ..graphs import CapturedSteps
+from ..static_step import ROW_BUCKETS, StaticStep, row_bucket
 from .eager import EagerRuntime
 
 log = logging.getLogger("janus.runtime")
@@ -26,17 +27,27 @@ class GpuRuntime(EagerRuntime):
     name = "gpu"
 
     def __init__(self, model, *, eos_id: int, pad_id: int, previews: bool = True, fused: bool | None = None):
+        """`fused`: Paddle's fused RMSNorm in the static step; by default tried first off CPU, then without."""
         super().__init__(model, eos_id=eos_id, pad_id=pad_id, previews=previews)
-        self.static_step = StaticStep(model.language_model.model, model.dtype_name, fused=fused)
-        self.step_kind, self.self_check_error = "static", None
-        try:
-            error = self.self_check()
-        except Exception as failure:  # noqa: BLE001 - any failure means the reference serves
-            error = f"{type(failure).__name__}: {failure}"
-        if error is not None:
-            self.step_kind, self.self_check_error = "eager", error
-            log.warning("the static decode step did not match the reference on %s (%s): serving the eager step",
-                        self.device, error)
+        self.captured: CapturedSteps | None = None
+        self.step_kind, self.self_check_error = "eager", None
+        on_cpu = self.device.startswith("cpu")
+        errors = []
+        for choice in [fused] if fused is not None else ([False] if on_cpu else [True, False]):
+            self.static_step = StaticStep(model.language_model.model, model.dtype_name, fused=choice)
+            try:
+                error = self.self_check()
+            except Exception as failure:  # noqa: BLE001 - any failure means the next choice, then the reference
+                error = f"{type(failure).__name__}: {failure}"
+            if error is None:
+                self.step_kind = "static"
+                break
+            errors.append(f"{'fused' if choice else 'unfused'} norms: {error}")
+            log.warning("the static decode step (%s) did not match the reference on %s: %s",
+                        "fused norms" if choice else "unfused norms", self.device, error)
+        if self.step_kind != "static":
+            self.self_check_error = "; ".join(errors)
+            log.warning("serving the eager decode step on %s", self.device)
 
     def self_check(self, rows: int = 3, prompt: int = 5, steps: int = 3) -> str | None:
         """None when the static step gives the reference's hidden states within tolerance, else why not."""
@@ -60,13 +71,21 @@ class GpuRuntime(EagerRuntime):
         return None
 
     def open_cache(self, slots: int, row_length: int) -> None:
+        """The cache, and a CUDA graph of the step for every bucket it can run at (where the device has them)."""
         if self.step_kind != "static":
             return super().open_cache(slots, row_length)
-        self.batch = DecodeBatch(self.model, slots=slots, max_len=row_length, forward_hidden=self.static_step.forward_hidden,
-                                 new_cache=self.static_step.new_cache)
+        step = self.static_step
+        self.batch = DecodeBatch(self.model, slots=slots, max_len=row_length, forward_hidden=step.forward_hidden,
+                                 new_cache=step.new_cache)
+        self.captured = CapturedSteps(step, self.device)
+        step.runner = self.captured
+        rows = [bucket for bucket in ROW_BUCKETS if bucket <= row_bucket(slots)]
+        self.captured.capture_all(self.batch.cache, rows, step.length_buckets(row_length))
 
     def describe(self) -> dict[str, Any]:
         described = {**super().describe(), "step": self.step_kind, "fused_norms": self.static_step.fused}
+        if self.captured is not None:
+            described.update(self.captured.describe())
         if self.self_check_error:
             described["step_fallback"] = self.self_check_error
         return described
