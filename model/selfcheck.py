@@ -296,6 +296,18 @@ def step_timing(device: str, dtype: str, *, layers: int | None, rows: list[int],
         lines.append({"step": "static", "rows": b, "cached": cached, "ms_median": round(ms, 2)})
     static_ops = count_ops(lambda: static.forward_hidden(embeds[min(rows)], static_cache, np.arange(min(rows)),
                                                          np.full(min(rows), cached)))
+    from .graphs import CapturedSteps
+
+    graphs = CapturedSteps(static, device)
+    captured = "not available here (CUDA graphs need a GPU and a CUDA build of Paddle)"
+    if graphs.available:
+        static.runner = graphs
+        for b in rows:
+            ms = median_ms(lambda: static.forward_hidden(embeds[b], static_cache, np.arange(b), np.full(b, cached)),
+                           rounds, synchronize)
+            lines.append({"step": "captured", "rows": b, "cached": cached, "ms_median": round(ms, 2)})
+        captured = f"{len(graphs.graphs)} graphs; eager buckets: {graphs.refused or 'none'}"
+        static.runner = static.step
     if device == "cpu":  # the CPU runtime's own step: its programs (the eager layers are freed)
         from .cpu_decoder import CpuDecoder
 
@@ -308,8 +320,7 @@ def step_timing(device: str, dtype: str, *, layers: int | None, rows: list[int],
         line["x_floor"] = round(line["ms_median"] / floor_ms, 2)
     return {"layers": model.config.num_hidden_layers, "dtype": dtype, "weight_bytes": weight_bytes,
             "bandwidth_gbs": round(bandwidth / 1e9, 1), "floor_ms": round(floor_ms, 2), "steps": lines,
-            "captured": "not available: CUDA graphs need a GPU build of Paddle" if device == "cpu" else
-            "not built yet", "ops_per_step": sum(ops.values()),
+            "captured": captured, "ops_per_step": sum(ops.values()),
             "ops_per_layer": round(sum(ops.values()) / model.config.num_hidden_layers, 1), "ops": ops,
             "static_ops_per_step": sum(static_ops.values()), "static_fused_norms": static.fused}
 

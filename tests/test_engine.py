@@ -504,3 +504,22 @@ def test_a_second_start_imports_the_programs_the_first_saved(loop, tmp_path):
         assert engine.runtimes[0]["decoder_programs"] == "built" and not (tmp_path / "other" / "programs").exists()
     finally:
         loop.run(engine.stop())
+
+
+@pytest.mark.parametrize("device, before, after, asked", [
+    ("0", None, "0", "0"), ("3", None, "3", "0"), ("1", "2,3", "3", "0"), ("auto", "5,6", "5", "auto"),
+    ("auto", None, "0", "auto"), ("cpu", "0,1", "", "cpu"),
+])
+def test_each_worker_sees_only_its_own_gpu(device, before, after, asked):
+    from server.engine.worker import see_one_gpu
+
+    environ = {} if before is None else {"CUDA_VISIBLE_DEVICES": before}
+    assert see_one_gpu(device, environ) == asked
+    assert environ["CUDA_VISIBLE_DEVICES"] == after
+
+
+def test_a_gpu_beyond_the_visible_ones_is_refused():
+    from server.engine.worker import see_one_gpu
+
+    with pytest.raises(RuntimeError, match="shows 2 GPU"):
+        see_one_gpu("2", {"CUDA_VISIBLE_DEVICES": "4,5"})

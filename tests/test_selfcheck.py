@@ -38,7 +38,7 @@ def test_check_passes_on_cpu_and_reports_every_part(tmp_path):
                                                                  for rows in (2, 4)}
     assert all(s["ms_median"] > 0 and s["x_floor"] > 0 for s in timing["steps"])
     assert timing["ops_per_step"] == sum(timing["ops"].values()) > 0
-    assert "CUDA graphs" in timing["captured"]
+    assert "not available" in timing["captured"]
     assert "passed" in done.stdout and "understanding conv1" in done.stdout
 
 

@@ -91,6 +91,26 @@ class Outbox:
                 pass
 
 
+def see_one_gpu(device: str, environ) -> str:
+    """Make a worker's process see only its own GPU (CUDA_VISIBLE_DEVICES, before Paddle is imported), so that
+    nothing it does can touch another worker's; returns the device to ask Paddle for then. A GPU index counts
+    among the GPUs the server itself sees: with CUDA_VISIBLE_DEVICES=2,3, device 1 is the machine's GPU 3.
+    "auto" keeps the first GPU; "cpu" hides every GPU."""
+    if device == "cpu":
+        environ["CUDA_VISIBLE_DEVICES"] = ""
+        return "cpu"
+    visible = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    index = 0 if device == "auto" else int(device)
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        if index >= len(visible):
+            raise RuntimeError(f"device {device!r} asked for, but CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']!r} "
+                               f"shows {len(visible)} GPU(s)")
+        environ["CUDA_VISIBLE_DEVICES"] = visible[index]
+    else:
+        environ["CUDA_VISIBLE_DEVICES"] = str(index)
+    return "auto" if device == "auto" else "0"
+
+
 def run_worker(config: WorkerConfig, inbox, outbox) -> None:
     """Process entry point (spawned, so nothing from the parent's memory leaks in); `outbox`: the write end
     of a pipe to the API process."""
@@ -99,10 +119,11 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         os.environ["OMP_NUM_THREADS"] = str(config.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     try:
+        requested = see_one_gpu(config.device, os.environ)
         from model.runtime import device as support  # imports Paddle: before ignore_stop_signals
 
         ignore_stop_signals()  # after Paddle's import, which installs its own SIGTERM handler
-        device = support.pick_device(config.device)
+        device = support.pick_device(requested)
         started = time.monotonic()
         stores = support.program_stores(device, config.model_path, config.program_cache, cpu_engine=config.cpu_engine,
                                         cpu_precision=config.cpu_precision, cpu_vision=config.cpu_vision,
@@ -135,6 +156,8 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
         outbox.put(("fatal", f"{type(error).__name__}: {error}"))
         return
     described = runtime.describe()
+    if device.startswith("gpu"):  # the worker's gpu:0 is this one of the machine's (see_one_gpu)
+        described["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     startup["programs_s"] = described.pop("programs_s", {})  # the runtime's part, program by program
     outbox.put(("ready", {**described, "cache": {**plan.info(), "weights_bytes": weights_bytes},
                           "cache_summary": f"{plan.describe()} (the weights alone {gb(weights_bytes)})",
