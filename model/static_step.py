@@ -15,8 +15,8 @@ the host and sends each over (6-7 copies a step), and reads the cache in blocks.
   cached keys and values, scaled_dot_product_attention, the output product, RMSNorm, the gate/up
   product, swiglu, the down product. On a GPU the norms are Paddle's fused kernel (switch `fused`);
   on CPU, where that kernel is not safe to call, the reference's six operations.
-- A prefill (a prompt from position 0) runs through the same layers at its own shape, causal over
-  itself, and writes its keys and values into the rows' cache slots. It is not captured.
+- A prefill (a prompt, or a chunk of one from a later position) runs through the same layers at its
+  own shape, causal, and writes its keys and values into the rows' cache slots. It is not captured.
 """
 from __future__ import annotations
 
@@ -127,9 +127,7 @@ class StaticStep:
             raise ValueError(f"positions start {start.tolist()} + {length} tokens exceed the cache length {cache.max_len}")
         if length == 1:
             return self.decode(embeds, cache, slots, start)
-        if start.any():
-            raise ValueError("a prompt continued from a later position (a chunked prefill) is not supported here")
-        return self.prefill(embeds, cache, slots)
+        return self.prefill(embeds, cache, slots, start)
 
     def decode(self, embeds: paddle.Tensor, cache: StaticCache, slots: np.ndarray, positions: np.ndarray) -> paddle.Tensor:
         """One new token per row: [B, 1, hidden] -> [B, 1, hidden], run at the row and length buckets."""
@@ -184,23 +182,41 @@ class StaticStep:
             x = self.layer(layer, x, cos, sin, k_cache, v_cache, attention)
         return self.norm(self.final_norm, x)
 
-    def prefill(self, embeds: paddle.Tensor, cache: StaticCache, slots: np.ndarray) -> paddle.Tensor:
-        """Prompts from position 0, [B, T, hidden], causal over themselves; their keys and values go to `slots`."""
+    def prefill(self, embeds: paddle.Tensor, cache: StaticCache, slots: np.ndarray, start: np.ndarray) -> paddle.Tensor:
+        """Prompts, or chunks of them, [B, T, hidden] at positions start[b].., causal; their keys and values go to
+        `slots`. From position 0 each attends to itself alone; a later chunk also to what its row cached."""
         length = embeds.shape[1]
-        kv_heads, groups, max_len = self.kv_heads, self.heads // self.kv_heads, cache.max_len
+        kv_heads, groups, max_len, head_dim = self.kv_heads, self.heads // self.kv_heads, cache.max_len, self.head_dim
         cos_table, sin_table = self._tables(max_len)[:2]
-        cos, sin = cos_table[:length].unsqueeze(0), sin_table[:length].unsqueeze(0)
-        rows = ((slots[:, None, None] * kv_heads + np.arange(kv_heads)[None, :, None]) * max_len
-                + np.arange(length)[None, None, :])  # [B, kv_heads, T]
-        write = from_numpy(rows.reshape(-1).astype(np.int64))
+        positions = start[:, None] + np.arange(length)[None, :]  # [B, T]
+        index = from_numpy(positions.reshape(-1))
+        shape = [len(slots), length, self.heads + kv_heads, head_dim]
+        cos, sin = paddle.index_select(cos_table, index).reshape(shape), paddle.index_select(sin_table, index).reshape(shape)
+        heads = (slots[:, None, None] * kv_heads + np.arange(kv_heads)[None, :, None]) * max_len  # [B, kv_heads, 1]
+        write = from_numpy((heads + positions[:, None, :]).reshape(-1).astype(np.int64))
+        fresh = not start.any()
+        if not fresh:
+            seen = int(positions.max()) + 1
+            read = from_numpy((heads + np.arange(seen)[None, None, :]).reshape(-1).astype(np.int64))
+            allowed = np.arange(seen)[None, None, :] <= positions[:, :, None]  # [B, T, seen]
+            mask = from_numpy(np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None, None]).astype(self.dtype)
 
         def attention(q, k, v, k_cache, v_cache):
             for tensor, target in ((k, k_cache), (v, v_cache)):
-                paddle.index_put_(target, (write,), tensor.transpose([0, 2, 1, 3]).reshape([-1, self.head_dim]))
-            if groups > 1:
-                k, v = paddle.repeat_interleave(k, groups, axis=2), paddle.repeat_interleave(v, groups, axis=2)
-            # q carries the 1/sqrt(head_dim): undo the kernel's own scaling by giving it through `scale`
-            return F.scaled_dot_product_attention(q * math.sqrt(self.head_dim), k, v, is_causal=True, training=False)
+                paddle.index_put_(target, (write,), tensor.transpose([0, 2, 1, 3]).reshape([-1, head_dim]))
+            if fresh:
+                if groups > 1:
+                    k, v = paddle.repeat_interleave(k, groups, axis=2), paddle.repeat_interleave(v, groups, axis=2)
+                # q carries the 1/sqrt(head_dim) already; the kernel applies its own
+                return F.scaled_dot_product_attention(q * math.sqrt(head_dim), k, v, is_causal=True, training=False)
+            batch = q.shape[0]
+            keys = paddle.index_select(k_cache, read).reshape([batch, kv_heads, seen, head_dim])
+            values = paddle.index_select(v_cache, read).reshape([batch, kv_heads, seen, head_dim])
+            q = q.transpose([0, 2, 1, 3]).reshape([batch, kv_heads, groups * length, head_dim])
+            scores = paddle.matmul(q, keys, transpose_y=True).reshape([batch, kv_heads, groups, length, seen]) + mask
+            probs = F.softmax(scores, axis=-1).reshape([batch, kv_heads, groups * length, seen])
+            out = paddle.matmul(probs, values).reshape([batch, self.heads, length, head_dim])
+            return out.transpose([0, 2, 1, 3])
 
         x = embeds
         for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):

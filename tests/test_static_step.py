@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import paddle
-import pytest
 
 import model.llama as llama
 from model.runtime.gpu import GpuRuntime
@@ -57,11 +56,19 @@ def test_a_decode_step_matches_the_reference_at_every_bucket(model):
         np.testing.assert_allclose(step.forward_hidden(x, static, slots[:rows], start).numpy(), want, rtol=0, atol=1e-4)
 
 
-def test_a_chunked_prefill_is_refused(model):
+def test_a_prompt_prefilled_in_chunks_matches_one_pass(model):
+    """Chunks from later positions attend to what their rows cached: the same as the reference, in one pass."""
     step = StaticStep(model.language_model.model, "float32", fused=False)
-    with pytest.raises(ValueError, match="chunked prefill"):
-        step.forward_hidden(np.zeros((1, 4, model.config.language.hidden_size), np.float32), step.new_cache(1, 64),
-                            [0], [8])
+    static, reference = step.new_cache(3, 400), model.new_cache(3, 400)
+    prompt = np.random.default_rng(2).standard_normal((2, 300, model.config.language.hidden_size)).astype(np.float32)
+    slots = np.array([2, 0])
+    want = model.forward_hidden(prompt, reference, slots, np.zeros(2)).numpy()
+    parts = [step.forward_hidden(prompt[:, a:b], static, slots, np.full(2, a)).numpy()
+             for a, b in ((0, 128), (128, 129), (129, 300))]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), want, rtol=0, atol=1e-4)
+    x = decode_inputs(model, 2, 9)  # and a step after it
+    np.testing.assert_allclose(step.forward_hidden(x, static, slots, np.full(2, 300)).numpy(),
+                               model.forward_hidden(x, reference, slots, np.full(2, 300)).numpy(), rtol=0, atol=1e-4)
 
 
 def step_parts(model, rows: int = 2):
