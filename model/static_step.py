@@ -5,7 +5,7 @@ the host and sends each over (6-7 copies a step), and reads the cache in blocks.
 
 - The cache is one buffer per layer for keys and one for values, [slots + 1, max_len, kv_heads,
   head_dim]: a row's positions are contiguous; the last slot is a scratch row that padding rows write.
-- A decode step (one new token per row) runs at a bucket of rows (1, 2, 4, ... padded up) and of
+- A decode step (one new token per row) runs at a bucket of rows (1, 2, 4, ...: padded up) and of
   cached length (a multiple of LENGTH_BUCKET): its shapes depend on the bucket alone, so that a
   CUDA graph captured for a bucket can replay it. Its inputs (each row's cache slot and position)
   reach the device in one copy into a buffer kept per bucket; the rotary factors are gathered from
@@ -29,15 +29,15 @@ import paddle.nn.functional as F
 from .llama import rotary_cos_sin
 from .tensors import from_numpy
 
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LENGTH_BUCKET = 128
+CAPTURED_AT_START = 64  # row buckets up to this are captured at start; larger ones on first use
 
 
 def row_bucket(rows: int) -> int:
-    for bucket in ROW_BUCKETS:
-        if rows <= bucket:
-            return bucket
-    raise ValueError(f"{rows} rows: at most {ROW_BUCKETS[-1]} in one step")
+    """The rows a step of `rows` runs at: the next power of two."""
+    if rows < 1:
+        raise ValueError(f"a step needs at least one row, got {rows}")
+    return 1 << (rows - 1).bit_length()
 
 
 class StaticCache:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..generation import DecodeBatch
 from ..graphs import CapturedSteps
-from ..static_step import ROW_BUCKETS, StaticStep, row_bucket
+from ..static_step import CAPTURED_AT_START, StaticStep, row_bucket
 from .eager import EagerRuntime
 
 log = logging.getLogger("janus.runtime")
@@ -71,7 +71,8 @@ class GpuRuntime(EagerRuntime):
         return None
 
     def open_cache(self, slots: int, row_length: int) -> None:
-        """The cache, and a CUDA graph of the step for every bucket it can run at (where the device has them)."""
+        """The cache, and a CUDA graph of the step for every bucket it can run at up to CAPTURED_AT_START rows
+        (where the device has them; larger buckets are captured when first used)."""
         if self.step_kind != "static":
             return super().open_cache(slots, row_length)
         step = self.static_step
@@ -79,7 +80,8 @@ class GpuRuntime(EagerRuntime):
                                  new_cache=step.new_cache)
         self.captured = CapturedSteps(step, self.device)
         step.runner = self.captured
-        rows = [bucket for bucket in ROW_BUCKETS if bucket <= row_bucket(slots)]
+        largest = min(row_bucket(slots), CAPTURED_AT_START)
+        rows = [1 << i for i in range(largest.bit_length())]
         self.captured.capture_all(self.batch.cache, rows, step.length_buckets(row_length))
 
     def describe(self) -> dict[str, Any]:
