@@ -210,13 +210,14 @@ def test_a_connection_over_the_cap_gets_503_and_the_cap_frees_up(slow_header_ser
 
 def test_retry_after_agrees_with_how_fast_the_queue_really_drains(server_loop, janus_home):
     """A 200-request burst against 8 waiting places: every 429's Retry-After is within reach of when the
-    queue it was refused by had in fact drained (it was 18-52 s against a 9 s drain, before)."""
+    queue it was refused by had in fact drained, counted from when the request was sent (it was 18-52 s
+    against a 9 s drain, before)."""
     # two requests run at once, eight wait: a burst of 200 overflows that whatever the machine's speed
     # 256 tokens each: the queue takes seconds to drain, long beside the time a 429 takes to reach the
     # client with 200 answers at once on 2 cores (at 64 tokens that delay decided the test)
     live = server_loop.start(server_settings(janus_home, max_queue=8, max_running_requests=2, max_new_tokens_limit=256))
 
-    async def run() -> list[tuple[float, int, str | None]]:
+    async def run() -> list[tuple[float, float, int, str | None]]:
         limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
         async with async_client(live, limits=limits) as http:
             deadline = time.monotonic() + 120
@@ -225,16 +226,19 @@ def test_retry_after_agrees_with_how_fast_the_queue_really_drains(server_loop, j
                 await asyncio.sleep(0.1)
             await http.post("/understand", json={"question": "warm up", "max_new_tokens": 16})
 
-            async def one(i: int) -> tuple[float, int, str | None]:
+            async def one(i: int) -> tuple[float, float, int, str | None]:
+                # when it was sent: the server refused it (and estimated) between then and its answer's arrival,
+                # which 200 answers at once on 2 cores can delay by more than a second
+                sent = time.monotonic()
                 response = await http.post("/understand", json={  # sampled: no early end of text
                     "question": f"Tell story {i}.", "max_new_tokens": 256, "temperature": 1.0, "seed": i})
-                return time.monotonic(), response.status_code, response.headers.get("retry-after")
+                return sent, time.monotonic(), response.status_code, response.headers.get("retry-after")
 
             return await asyncio.gather(*(one(i) for i in range(200)))
 
     answers = asyncio.run(run())
-    accepted = [t for t, status, _ in answers if status == 200]
-    refused = [(t, int(after)) for t, status, after in answers if status == 429]
+    accepted = [answered for _, answered, status, _ in answers if status == 200]
+    refused = [(sent, int(after)) for sent, _, status, after in answers if status == 429]
     assert len(accepted) + len(refused) == 200 and len(refused) >= 100 and accepted
     drained_at = max(accepted)
     for refused_at, after in refused:
@@ -242,4 +246,4 @@ def test_retry_after_agrees_with_how_fast_the_queue_really_drains(server_loop, j
         assert 1 <= after <= max(1, math.ceil(2 * (drained_at - refused_at))), (after, drained_at - refused_at)
     print(f"\nburst: {len(accepted)} answered, {len(refused)} refused; Retry-After "
           f"{min(a for _, a in refused)}-{max(a for _, a in refused)} s; the queue drained "
-          f"{max(drained_at - t for t, _ in refused):.2f} s after the first refusal")
+          f"{max(drained_at - t for t, _ in refused):.2f} s after the first refused request was sent")
