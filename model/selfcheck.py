@@ -250,7 +250,10 @@ def count_ops(run, within: str | None = None) -> dict[str, int]:
     return counts
 
 
-def median_ms(run, rounds: int, synchronize) -> float:
+def median_ms(run, rounds: int) -> float:
+    """The median milliseconds of run() over `rounds`, after one run, the device's queue waited for each time."""
+    from .graphs import synchronize
+
     run()
     synchronize()
     times = []
@@ -273,7 +276,6 @@ def step_timing(device: str, dtype: str, *, layers: int | None, rows: list[int],
     weight_bytes = sum(int(p.numel()) * p.element_size() for p in model.parameters())
     bandwidth = device_bandwidth(device)
     floor_ms = weight_bytes / bandwidth * 1e3
-    synchronize = paddle.device.synchronize if device != "cpu" else (lambda: None)
     hidden = model.config.hidden_size
     rng = np.random.default_rng(1)
     cache = model.new_cache(max(rows), cached + 1, dtype=dtype)
@@ -283,16 +285,15 @@ def step_timing(device: str, dtype: str, *, layers: int | None, rows: list[int],
         with paddle.no_grad():
             model(embeds[b], cache, np.arange(b), np.full(b, cached))
 
-    lines = [{"step": "eager", "rows": b, "cached": cached, "ms_median": round(median_ms(lambda: eager(b), rounds,
-                                                                                           synchronize), 2)} for b in rows]
+    lines = [{"step": "eager", "rows": b, "cached": cached, "ms_median": round(median_ms(lambda: eager(b), rounds), 2)}
+             for b in rows]
     ops = count_ops(lambda: eager(min(rows)))
     from .static_step import StaticStep  # the GPU runtime's step (on CPU unfused)
 
     static = StaticStep(model, dtype)
     static_cache = static.new_cache(max(rows), cached + 1)
     for b in rows:
-        ms = median_ms(lambda: static.forward_hidden(embeds[b], static_cache, np.arange(b), np.full(b, cached)), rounds,
-                       synchronize)
+        ms = median_ms(lambda: static.forward_hidden(embeds[b], static_cache, np.arange(b), np.full(b, cached)), rounds)
         lines.append({"step": "static", "rows": b, "cached": cached, "ms_median": round(ms, 2)})
     static_ops = count_ops(lambda: static.forward_hidden(embeds[min(rows)], static_cache, np.arange(min(rows)),
                                                          np.full(min(rows), cached)))
@@ -304,7 +305,7 @@ def step_timing(device: str, dtype: str, *, layers: int | None, rows: list[int],
         static.runner = graphs
         for b in rows:
             ms = median_ms(lambda: static.forward_hidden(embeds[b], static_cache, np.arange(b), np.full(b, cached)),
-                           rounds, synchronize)
+                           rounds)
             lines.append({"step": "captured", "rows": b, "cached": cached, "ms_median": round(ms, 2)})
         captured = f"{len(graphs.graphs)} graphs; eager buckets: {graphs.refused or 'none'}"
         static.runner = static.step
@@ -313,8 +314,7 @@ def step_timing(device: str, dtype: str, *, layers: int | None, rows: list[int],
 
         decoder = CpuDecoder(model, precision="exact", release_eager=True)
         for b in rows:
-            ms = median_ms(lambda: decoder.forward_hidden(embeds[b], cache, np.arange(b), np.full(b, cached)), rounds,
-                           synchronize)
+            ms = median_ms(lambda: decoder.forward_hidden(embeds[b], cache, np.arange(b), np.full(b, cached)), rounds)
             lines.append({"step": "openvino", "rows": b, "cached": cached, "ms_median": round(ms, 2)})
     for line in lines:
         line["x_floor"] = round(line["ms_median"] / floor_ms, 2)

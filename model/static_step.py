@@ -26,7 +26,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from .llama import rotary_cos_sin
+from .llama import cache_addresses, rotary_cos_sin
 from .tensors import from_numpy
 
 LENGTH_BUCKET = 128
@@ -116,18 +116,10 @@ class StaticStep:
     def forward_hidden(self, embeds, cache: StaticCache, slots, start) -> paddle.Tensor:
         embeds = embeds if isinstance(embeds, paddle.Tensor) else from_numpy(np.asarray(embeds, np.float32))
         embeds = embeds.astype(self.dtype) if embeds.dtype != getattr(paddle, self.dtype) else embeds
-        batch, length = embeds.shape[0], embeds.shape[1]
-        slots = np.asarray(slots.numpy() if isinstance(slots, paddle.Tensor) else slots, np.int64).reshape(-1)
-        start = np.asarray(start.numpy() if isinstance(start, paddle.Tensor) else start, np.int64).reshape(-1)
-        if slots.shape != (batch,) or start.shape != (batch,):
-            raise ValueError(f"slots and start need one value per row ({batch}), got {slots.shape} and {start.shape}")
-        if (slots < 0).any() or (slots >= cache.num_slots).any() or len(np.unique(slots)) != batch:
-            raise ValueError(f"slots {slots.tolist()} out of range for a cache of {cache.num_slots} slots, or repeated")
-        if (start < 0).any() or (start + length > cache.max_len).any():
-            raise ValueError(f"positions start {start.tolist()} + {length} tokens exceed the cache length {cache.max_len}")
-        if length == 1:
+        slots, start, positions = cache_addresses(cache, slots, start, embeds.shape[0], embeds.shape[1])
+        if embeds.shape[1] == 1:
             return self.decode(embeds, cache, slots, start)
-        return self.prefill(embeds, cache, slots, start)
+        return self.prefill(embeds, cache, slots, positions)
 
     def decode(self, embeds: paddle.Tensor, cache: StaticCache, slots: np.ndarray, positions: np.ndarray) -> paddle.Tensor:
         """One new token per row: [B, 1, hidden] -> [B, 1, hidden], run at the row and length buckets."""
@@ -182,19 +174,18 @@ class StaticStep:
             x = self.layer(layer, x, cos, sin, k_cache, v_cache, attention)
         return self.norm(self.final_norm, x)
 
-    def prefill(self, embeds: paddle.Tensor, cache: StaticCache, slots: np.ndarray, start: np.ndarray) -> paddle.Tensor:
-        """Prompts, or chunks of them, [B, T, hidden] at positions start[b].., causal; their keys and values go to
+    def prefill(self, embeds: paddle.Tensor, cache: StaticCache, slots: np.ndarray, positions: np.ndarray) -> paddle.Tensor:
+        """Prompts, or chunks of them, [B, T, hidden] at positions [B, T], causal; their keys and values go to
         `slots`. From position 0 each attends to itself alone; a later chunk also to what its row cached."""
         length = embeds.shape[1]
         kv_heads, groups, max_len, head_dim = self.kv_heads, self.heads // self.kv_heads, cache.max_len, self.head_dim
         cos_table, sin_table = self._tables(max_len)[:2]
-        positions = start[:, None] + np.arange(length)[None, :]  # [B, T]
         index = from_numpy(positions.reshape(-1))
         shape = [len(slots), length, self.heads + kv_heads, head_dim]
         cos, sin = paddle.index_select(cos_table, index).reshape(shape), paddle.index_select(sin_table, index).reshape(shape)
         heads = (slots[:, None, None] * kv_heads + np.arange(kv_heads)[None, :, None]) * max_len  # [B, kv_heads, 1]
         write = from_numpy((heads + positions[:, None, :]).reshape(-1).astype(np.int64))
-        fresh = not start.any()
+        fresh = not positions[:, 0].any()
         if not fresh:
             seen = int(positions.max()) + 1
             read = from_numpy((heads + np.arange(seen)[None, None, :]).reshape(-1).astype(np.int64))
