@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import paddle
 
+from .pieces import Pieces, drain
 from .sampling import RowParams, SamplingParams, cfg, new_seed, penalize, sample, uniforms
 from .tensors import from_numpy
 
@@ -165,12 +166,35 @@ class DecodeBatch:
     def prefill_text(self, slot: int, input_ids: np.ndarray, *, image_mask: np.ndarray | None = None,
                      pixel_values: np.ndarray | None = None) -> paddle.Tensor:
         """Run the prompt into cache row `slot` (from reserve_text); its last position's logits [1, vocab]."""
+        return drain(self.prefill_text_pieces(slot, input_ids, image_mask=image_mask, pixel_values=pixel_values))
+
+    def prefill_text_pieces(self, slot: int, input_ids: np.ndarray, *, image_mask: np.ndarray | None = None,
+                            pixel_values: np.ndarray | None = None, chunk: int | None = None,
+                            vision_blocks: int | None = None) -> Pieces[paddle.Tensor]:
+        """prefill_text() in pieces (model/pieces.py): the model's own image encoder in pieces of `vision_blocks`
+        blocks (None: encode_images, one piece), then the prompt in chunks of `chunk` tokens (None: one)."""
         embeds = self.model.embed_tokens(from_numpy(np.asarray(input_ids, np.int64)[None]))
         if pixel_values is not None and len(pixel_values):
-            features = self.encode_images(from_numpy(pixel_values))
+            if vision_blocks:
+                features = yield from self.model.encode_image_pieces(from_numpy(pixel_values), vision_blocks)
+            else:
+                features = self.encode_images(from_numpy(pixel_values))
             embeds = merge_image_features(embeds, features, image_mask)
-        hidden = self._forward(embeds, [slot], [0])
+            if chunk:
+                yield
+        hidden = yield from self._prefill_pieces(embeds, [slot], chunk)
         return self.text_logits(hidden[:, -1])
+
+    def _prefill_pieces(self, embeds, slots: list[int], chunk: int | None) -> Pieces[paddle.Tensor]:
+        """Run prompts [rows, T, hidden] into `slots` from position 0, `chunk` tokens (over all rows) at a time;
+        the hidden states of the last chunk."""
+        length, rows = embeds.shape[1], len(slots)
+        size = max(1, chunk // rows) if chunk else length
+        for start in range(0, length, size):
+            if start:
+                yield
+            hidden = self._forward(embeds[:, start:start + size], slots, [start] * rows)
+        return hidden
 
     def start_text(self, key, slot: int, length: int, logits: paddle.Tensor, *,
                    params: SamplingParams = SamplingParams(), seed: int | None = None,
@@ -188,22 +212,42 @@ class DecodeBatch:
                    seeds: list[int] | None = None) -> list[StepEvent]:
         """Prefill the 2n CFG rows of one text-to-image prompt; returns the first step's event. Image i draws
         with seeds[i] (each drawn when not given)."""
-        length = len(prompt_ids)
-        self._check_fits(length + IMAGE_TOKENS - 1)
-        tokens = cfg_prompt_rows(np.asarray(prompt_ids, np.int64), pad_id, n)
-        slots = self.pool.take(2 * n)
+        seeds = checked_seeds(seeds, n)
+        slots = self.reserve_images(len(prompt_ids), n)
         try:
-            embeds = self.model.embed_tokens(from_numpy(tokens))
-            hidden = self._forward(embeds, slots, [0] * (2 * n))
-            logits = self.image_logits(hidden[:, -1])
+            logits = drain(self.prefill_image_pieces(slots, prompt_ids, pad_id=pad_id))
         except BaseException:
             self.pool.give_back(slots)
             raise
-        seeds = list(seeds) if seeds is not None else [new_seed() for _ in range(n)]
-        if len(seeds) != n:
+        return self.start_images(key, slots, len(prompt_ids), logits, params=params, seeds=seeds,
+                                 cfg_weight=cfg_weight)
+
+    # add_images in three parts as add_text (reserve_images, prefill_image_pieces, start_images), so that a
+    # runtime may run the prefill in pieces between steps (model/runtime/gpu.py).
+
+    def reserve_images(self, length: int, n: int) -> list[int]:
+        """Check that a prompt of `length` tokens fits and take the 2n cache rows of its n images."""
+        self._check_fits(length + IMAGE_TOKENS - 1)
+        return self.pool.take(2 * n)
+
+    def prefill_image_pieces(self, slots: list[int], prompt_ids: np.ndarray, *, pad_id: int,
+                             chunk: int | None = None) -> Pieces[paddle.Tensor]:
+        """Run the CFG rows of a prompt into `slots` (from reserve_images), `chunk` tokens at a time (None: one
+        piece); the image head's logits of their last position [2n, codebook]."""
+        tokens = cfg_prompt_rows(np.asarray(prompt_ids, np.int64), pad_id, len(slots) // 2)
+        hidden = yield from self._prefill_pieces(self.model.embed_tokens(from_numpy(tokens)), slots, chunk)
+        return self.image_logits(hidden[:, -1])
+
+    def start_images(self, key, slots: list[int], length: int, logits: paddle.Tensor, *,
+                     params: SamplingParams = SamplingParams(temperature=1.0), seeds: list[int] | None = None,
+                     cfg_weight: float = 5.0) -> list[StepEvent]:
+        """Join the batch with prefilled image rows (logits from prefill_image_pieces); the first step's event."""
+        try:
+            seeds = checked_seeds(seeds, len(slots) // 2)
+        except ValueError:
             self.pool.give_back(slots)
-            raise ValueError(f"{n} images need {n} seeds, got {len(seeds)}")
-        seq = ImageSequence(key, slots, length, params, seeds, cfg_weight, [[] for _ in range(n)])
+            raise
+        seq = ImageSequence(key, slots, length, params, seeds, cfg_weight, [[] for _ in seeds])
         self.sequences[key] = seq
         return self._accept_codes([seq], logits)
 
@@ -333,6 +377,15 @@ def merge_image_features(embeds, features, image_mask):
     flat = embeds.reshape([-1, embeds.shape[-1]])
     flat = paddle.scatter(flat, from_numpy(positions), features.reshape([-1, flat.shape[-1]]).astype(flat.dtype))
     return flat.reshape(embeds.shape)
+
+
+def checked_seeds(seeds: list[int] | None, n: int) -> list[int]:
+    """The seeds of n images: as given (one each), or each drawn."""
+    if seeds is None:
+        return [new_seed() for _ in range(n)]
+    if len(seeds) != n:
+        raise ValueError(f"{n} images need {n} seeds, got {len(seeds)}")
+    return list(seeds)
 
 
 def image_seeds(seed: int, n: int) -> list[int]:

@@ -10,6 +10,7 @@ import paddle.nn.functional as F
 
 from .config import AlignerConfig, GenHeadConfig, JanusConfig
 from .llama import KVCache, LlamaForCausalLM, linear
+from .pieces import Pieces, drain
 from .siglip import SigLIPVisionTower
 from .tensors import from_numpy
 from .vq import VQModel
@@ -77,8 +78,12 @@ class JanusModel(nn.Layer):
     @paddle.no_grad()
     def encode_images(self, pixel_values) -> paddle.Tensor:
         """[N, 3, 384, 384] pixels in [-1, 1] -> [N, 576, hidden] (SigLIP + aligner)."""
-        pixels = _tensor(pixel_values, self.dtype_name)
-        return self.aligner(self.vision_model(pixels))
+        return drain(self.encode_image_pieces(pixel_values))
+
+    def encode_image_pieces(self, pixel_values, blocks: int | None = None) -> Pieces[paddle.Tensor]:
+        """encode_images() in pieces of `blocks` SigLIP blocks (model/pieces.py)."""
+        features = yield from self.vision_model.pieces(_tensor(pixel_values, self.dtype_name), blocks)
+        return self.aligner(features)
 
     @paddle.no_grad()
     def embed_tokens(self, ids) -> paddle.Tensor:
@@ -136,6 +141,10 @@ class JanusModel(nn.Layer):
     def decode_image_tokens(self, codes) -> paddle.Tensor:
         """[N, 576] image-token codes -> [N, 3, 384, 384] float32 pixels in about [-1, 1] (VQ decode)."""
         return self.gen_vision_model.decode_codes(_tensor(codes, "int64"))
+
+    def decode_image_pieces(self, codes) -> Pieces[paddle.Tensor]:
+        """decode_image_tokens() in pieces (model/vq.py's VQDecoder.pieces)."""
+        return (yield from self.gen_vision_model.decode_pieces(_tensor(codes, "int64")))
 
 
 def to_uint8_images(decoded) -> np.ndarray:

@@ -12,6 +12,7 @@ import paddle.nn.functional as F
 from . import llama
 from .config import VisionConfig
 from .cpu_attention import prompt_attention
+from .pieces import Pieces, drain, every
 from .tensors import from_numpy
 
 LAYER_NORM_EPS = 1e-6
@@ -82,7 +83,13 @@ class SigLIPVisionTower(nn.Layer):
         self.norm = nn.LayerNorm(config.width, epsilon=LAYER_NORM_EPS)
 
     def forward(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
+        return drain(self.pieces(pixel_values))
+
+    def pieces(self, pixel_values: paddle.Tensor, blocks: int | None = None) -> Pieces[paddle.Tensor]:
+        """forward() in pieces of `blocks` blocks (model/pieces.py; None: one piece)."""
         x = self.patch_embed(pixel_values) + self.pos_embed
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
+            if every(blocks, index):
+                yield
             x = block(x)
         return self.norm(x)

@@ -11,6 +11,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .config import VQConfig
+from .pieces import Pieces
 
 GROUPS = 32
 GROUP_NORM_EPS = 1e-6
@@ -75,11 +76,16 @@ class DecoderLevel(nn.Layer):
         self.upsample = Upsample(out_channels) if upsample else None
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        for part in self.parts():
+            x = part(x)
+        return x
+
+    def parts(self) -> list[nn.Layer]:
+        """Its layers in the order they run: each residual block (and its attention), then the upsampling."""
+        parts = []
         for i, res in enumerate(self.res):
-            x = res(x)
-            if len(self.attn):
-                x = self.attn[i](x)
-        return x if self.upsample is None else self.upsample(x)
+            parts += [res, self.attn[i]] if len(self.attn) else [res]
+        return parts if self.upsample is None else [*parts, self.upsample]
 
 
 class VQDecoder(nn.Layer):
@@ -109,6 +115,19 @@ class VQDecoder(nn.Layer):
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
+    def pieces(self, z: paddle.Tensor) -> Pieces[paddle.Tensor]:
+        """forward() in pieces (model/pieces.py): the lowest resolution's layers, then each residual block
+        (with its attention) and each upsampling of the levels above; the same operations in the same order."""
+        h = self.conv_in(z)
+        for block in self.mid:
+            h = block(h)
+        for level in self.conv_blocks:
+            for part in level.parts():
+                if not isinstance(part, AttnBlock):
+                    yield
+                h = part(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
 
 class VQModel(nn.Layer):
     """Codebook + decoder: image token codes -> pixels in about [-1, 1]."""
@@ -132,3 +151,7 @@ class VQModel(nn.Layer):
 
     def decode_codes(self, codes: paddle.Tensor) -> paddle.Tensor:
         return self.decoder(self.post_quant_conv(self.lookup(codes)))
+
+    def decode_pieces(self, codes: paddle.Tensor) -> Pieces[paddle.Tensor]:
+        """decode_codes() in pieces (VQDecoder.pieces)."""
+        return (yield from self.decoder.pieces(self.post_quant_conv(self.lookup(codes))))
