@@ -242,11 +242,7 @@ class DecodeBatch:
                      params: SamplingParams = SamplingParams(temperature=1.0), seeds: list[int] | None = None,
                      cfg_weight: float = 5.0) -> list[StepEvent]:
         """Join the batch with prefilled image rows (logits from prefill_image_pieces); the first step's event."""
-        try:
-            seeds = checked_seeds(seeds, len(slots) // 2)
-        except ValueError:
-            self.pool.give_back(slots)
-            raise
+        seeds = checked_seeds(seeds, len(slots) // 2)
         seq = ImageSequence(key, slots, length, params, seeds, cfg_weight, [[] for _ in seeds])
         self.sequences[key] = seq
         return self._accept_codes([seq], logits)

@@ -236,3 +236,116 @@ def test_cpu_vq_thread_fails_one_request_alone_and_skips_cancelled_ones(model, g
         futures[1].result(timeout=10)
     time.sleep(0.2)
     assert decoder.seen == [0, 1]
+
+
+def small_pieces(model, cases, slots=8):
+    """The GPU runtime (run here on CPU) with pieces small enough for janus-tiny to be cut up."""
+    return opened(GpuRuntime, model, cases, slots, previews=False, prefill_chunk=64, vision_blocks=1, vq_batch=2)
+
+
+def test_gpu_runtime_prefills_in_pieces_while_the_running_rows_step(model, golden):
+    """A prompt admitted beside a running one: each turn runs one piece of it and steps the running row, so
+    that the running row makes a token for each of its pieces; both give the reference's tokens."""
+    arrays, cases = golden
+    runtime = small_pieces(model, cases)
+    inbox, outbox = queue.Queue(), Outbox()
+    scheduler = Scheduler(runtime, inbox, outbox)
+
+    def turn():
+        scheduler.take_messages()
+        scheduler.iterate()
+
+    inbox.put(understand_message(arrays, "u1", "conv1"))
+    while not outbox.of("u1", "token"):
+        turn()
+    before = len(outbox.of("u1", "token"))
+    inbox.put(understand_message(arrays, "u2", "conv2"))
+    while not outbox.of("u2", "token"):
+        turn()
+    prompt = len(arrays["understanding.conv2.input_ids"][0])
+    pieces = len(model.vision_model.blocks) + -(-prompt // 64)
+    assert len(outbox.of("u1", "token")) - before == pieces
+    while len(outbox.of("u2", "text_done")) + len(outbox.of("u1", "text_done")) < 2:
+        turn()
+    for rid, case in (("u1", "conv1"), ("u2", "conv2")):
+        assert outbox.of(rid, "token") == arrays[f"understanding.{case}.generated_ids"][0].tolist()
+    assert runtime.free_rows == 8 and not scheduler.busy
+
+
+def test_gpu_runtime_decodes_waiting_images_together_in_pieces(model, golden):
+    """Images of requests waiting for the VQ decoder are decoded as one batch (up to vq_batch images), a piece
+    per call, and each request gets its own: the reference's. A request alone runs through the scheduler."""
+    arrays, cases = golden
+    runtime = small_pieces(model, cases)
+    batches = []
+    decode = runtime.model.decode_image_pieces
+
+    def counted(codes):
+        batches.append(len(codes))
+        return decode(codes)
+
+    runtime.model.decode_image_pieces = counted
+    try:
+        codes = arrays["generation.image_tokens"].astype(np.int64)
+        futures = [runtime.decode_images(codes[i:i + 1]) for i in (1, 0, 1)]
+        pieces = 1
+        while runtime.run_piece():
+            pieces += 1
+        outbox = run_all(runtime, [generate_message(arrays, "g", [0, 1])])
+    finally:
+        del runtime.model.decode_image_pieces
+    assert batches == [2, 1, 2]  # vq_batch 2: the third waits for the next batch
+    assert pieces > 2 * 2
+    for future, index in zip(futures, (1, 0, 1)):
+        images, seconds = future.result()
+        assert_reference_images(images, arrays["generation.images_uint8"][index:index + 1])
+    [done] = outbox.of("g", "images_done")
+    assert_reference_images(np.stack(done["images"]), arrays["generation.images_uint8"])
+
+
+def assert_reference_images(images, reference):
+    """uint8 images as the reference's: off by one in at most 0.1% of the values (float32 rounding)."""
+    assert images.shape == reference.shape
+    diff = np.abs(images.astype(np.int16) - reference.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.001
+
+
+def test_gpu_runtime_pieces_fail_and_are_cancelled_alone(model, golden):
+    """A prefill that fails in a piece, one cancelled mid-prefill, and a batched VQ decode that fails: each
+    request fails (or goes) alone, its rows come back, and the others finish."""
+    arrays, cases = golden
+    runtime = small_pieces(model, cases)
+    broken = understand_message(arrays, "bad", "conv1")
+    broken[2]["image_mask"] = np.zeros_like(broken[2]["image_mask"])  # no place for the image's features
+    good = runtime.start("understand", "good", understand_message(arrays, "good", "conv2")[2])
+    bad = runtime.start("understand", "bad", broken[2])
+    gone = runtime.start("understand", "gone", understand_message(arrays, "gone", "conv1")[2])
+    assert runtime.free_rows == 5
+    runtime.run_piece()
+    runtime.remove("gone")
+    while runtime.run_piece():
+        runtime.poll()
+    assert gone.cancelled() and "image positions" in str(bad.exception())
+    assert good.result()[0].token == arrays["understanding.conv2.generated_ids"][0][0]
+    assert list(runtime.batch.sequences) == ["good"] and runtime.free_rows == 7
+    runtime.remove("good")
+
+    decode = runtime.model.decode_image_pieces
+
+    def fails_together(codes):
+        if len(codes) > 1:
+            raise RuntimeError("out of memory")
+        return decode(codes)
+
+    runtime.model.decode_image_pieces = fails_together
+    try:
+        codes = arrays["generation.image_tokens"][:1].astype(np.int64)
+        futures = [runtime.decode_images(codes) for _ in range(3)]
+        assert futures[2].cancel()
+        while runtime.run_piece():
+            pass
+    finally:
+        del runtime.model.decode_image_pieces
+    for future in futures[:2]:
+        assert_reference_images(future.result()[0], arrays["generation.images_uint8"][:1])
+    assert runtime.free_rows == 8

@@ -44,9 +44,13 @@ class FakeRuntime:
     image requests finish after IMAGE_STEPS steps. `background`: starts and decodes finish only when
     `finish()` says so (as a runtime's threads would), else at once."""
 
-    def __init__(self, rows: int = 4, background: bool = False):
+    def __init__(self, rows: int = 4, background: bool = False, pieces: int = 0):
+        """`pieces`: starts take this many run_piece() calls, then join at the next poll()."""
         self.capacity = rows
         self.deferred = background
+        self.pieces = pieces
+        self.piece_queue: list[list] = []  # [rid, pieces left], first come first run
+        self.joinable: list[str] = []
         self.sequences: dict[str, Sequence] = {}
         self.starting: dict[str, tuple[Sequence, Future]] = {}
         self.decodes: list[tuple[object, Future]] = []
@@ -77,9 +81,19 @@ class FakeRuntime:
         sequence = Sequence(rid, kind, rows, payload.get("max_new_tokens", 0))
         future: Future = Future()
         self.starting[rid] = (sequence, future)
-        if not self.deferred:
+        if self.pieces:
+            self.piece_queue.append([rid, self.pieces])
+        elif not self.deferred:
             self.finish_start(rid)
         return future
+
+    def run_piece(self) -> bool:
+        self.calls.append("piece")
+        if self.piece_queue:
+            self.piece_queue[0][1] -= 1
+            if not self.piece_queue[0][1]:
+                self.joinable.append(self.piece_queue.pop(0)[0])
+        return bool(self.piece_queue or self.joinable)
 
     def finish_start(self, rid) -> None:
         """The prefill of `rid` is done: it joins the running rows (or fails, or is dropped if removed)."""
@@ -95,6 +109,9 @@ class FakeRuntime:
 
     def poll(self) -> None:
         self.calls.append("poll")
+        for rid in self.joinable:
+            self.finish_start(rid)
+        self.joinable = []
 
     def background(self) -> list:
         return []
@@ -273,6 +290,33 @@ def test_background_starts_and_decodes_never_hold_up_the_running_rows():
     runtime.finish_decodes()
     turn(s)
     assert outbox.data("g", "images_done")[0]["images"] == ["image of g"]
+
+
+def test_pieces_run_one_per_turn_before_the_step_and_the_loop_waits_on_nothing_while_they_last():
+    runtime = FakeRuntime(rows=4, pieces=3)
+    s, inbox, outbox = scheduler(runtime)
+    turn(s, understand("a", tokens=4))
+    turn(s)
+    assert "a" in s.starting and s.busy and runtime.steps == 0
+    reads = []
+
+    def get(block=True, timeout=None):
+        reads.append(block)
+        raise queue.Empty
+
+    inbox.get = get
+    assert s.take_messages() and reads == [False]  # pieces are left: the inbox is read without waiting
+    del inbox.get
+    turn(s)  # the last piece; a joins at the poll after it
+    assert "a" in s.running and outbox.data("a", "token") == [1]
+    turn(s, understand("b", tokens=2))
+    # b's first piece runs in the turn it is admitted, before a's step; b's start never holds a up
+    assert runtime.calls[-4:] == ["start b", "piece", "step ['a']", "poll"]
+    turn(s)
+    turn(s)
+    assert outbox.data("a", "token") == [1, 2, 3, 4] and "b" in s.running and outbox.data("b", "token") == [1]
+    turn(s)
+    assert not s.busy and outbox.data("b", "token") == [1, 2]
 
 
 @pytest.mark.parametrize("phase", ["waiting", "starting", "running", "decoding"])

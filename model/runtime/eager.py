@@ -5,13 +5,16 @@ caller's thread: its futures are done when they are returned. This is what a GPU
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
-from ..generation import DecodeBatch, SamplingParams, decode_images
+from ..generation import DecodeBatch, SamplingParams, SlotPool, checked_seeds, decode_images
+from ..pieces import Pieces, drain
 
 
 def done(result=None, error: BaseException | None = None) -> Future:
@@ -27,6 +30,22 @@ def sampling(payload: dict[str, Any]) -> SamplingParams:
     """How a request samples: image payloads carry no penalties."""
     return SamplingParams(payload["temperature"], payload["top_k"], payload["top_p"],
                           payload.get("presence_penalty", 0.0), payload.get("frequency_penalty", 0.0))
+
+
+@dataclasses.dataclass
+class Start:
+    """A request's start: its prefill's pieces (model/pieces.py), then `join` with their result (its rows join
+    the batch; its first events). Until then its rows are its own: `give_back` frees them."""
+
+    rid: str
+    slots: list[int]
+    pieces: Pieces
+    join: Callable[[Any], list]
+    pool: SlotPool
+
+    def give_back(self) -> None:
+        self.pieces.close()
+        self.pool.give_back(self.slots)
 
 
 class EagerRuntime:
@@ -76,16 +95,36 @@ class EagerRuntime:
 
     def start(self, kind: str, rid: str, payload: dict[str, Any]) -> Future:
         try:
-            if kind == "understand":
-                events = self.batch.add_text(rid, payload["input_ids"], image_mask=payload["image_mask"],
-                                             pixel_values=payload["pixel_values"], **self.text_options(payload))
-            else:
-                events = self.batch.add_images(
-                    rid, payload["prompt_ids"], pad_id=self.pad_id, n=payload["n"], cfg_weight=payload["cfg_weight"],
-                    params=sampling(payload), seeds=payload["seeds"])
-        except Exception as error:  # noqa: BLE001 - this request fails alone; DecodeBatch freed its rows
+            start = self.prepare(kind, rid, payload)
+        except Exception as error:  # noqa: BLE001 - this request fails alone
             return done(error=error)
-        return done(events)
+        try:
+            return done(start.join(drain(start.pieces)))
+        except Exception as error:  # noqa: BLE001 - this request fails alone
+            start.give_back()
+            return done(error=error)
+
+    def prepare(self, kind: str, rid: str, payload: dict[str, Any], *, chunk: int | None = None,
+                vision_blocks: int | None = None) -> Start:
+        """A request's start, its rows taken: its prefill in pieces (DecodeBatch.prefill_text_pieces /
+        prefill_image_pieces: chunks of `chunk` tokens, `vision_blocks` SigLIP blocks; None: one piece), and
+        how it joins the batch."""
+        batch = self.batch
+        if kind == "understand":
+            ids = payload["input_ids"]
+            [slot] = slots = [batch.reserve_text(len(ids), payload["max_new_tokens"])]
+            pieces = batch.prefill_text_pieces(slot, ids, image_mask=payload["image_mask"],
+                                               pixel_values=payload["pixel_values"], chunk=chunk,
+                                               vision_blocks=vision_blocks)
+            return Start(rid, slots, pieces, lambda logits: batch.start_text(rid, slot, len(ids), logits,
+                                                                              **self.text_options(payload)),
+                         batch.pool)
+        prompt, seeds = payload["prompt_ids"], checked_seeds(payload["seeds"], payload["n"])
+        slots = batch.reserve_images(len(prompt), payload["n"])
+        pieces = batch.prefill_image_pieces(slots, prompt, pad_id=self.pad_id, chunk=chunk)
+        return Start(rid, slots, pieces, lambda logits: batch.start_images(
+            rid, slots, len(prompt), logits, params=sampling(payload), seeds=seeds, cfg_weight=payload["cfg_weight"]),
+            batch.pool)
 
     def text_options(self, payload: dict[str, Any]) -> dict[str, Any]:
         """How an understanding request samples and stops (DecodeBatch.add_text / start_text)."""
@@ -94,6 +133,10 @@ class EagerRuntime:
 
     def poll(self) -> None:
         """Nothing runs in the background."""
+
+    def run_piece(self) -> bool:
+        """Nothing is run in pieces between the steps."""
+        return False
 
     def background(self) -> list[Future]:
         return []

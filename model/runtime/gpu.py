@@ -1,34 +1,71 @@
 """Eager Paddle with the static-shape decode step (model/static_step.py): what a GPU runs.
 
-Everything but the step is the eager runtime's (model/runtime/eager.py). Before it serves, the step is
-checked against the reference forward (model/llama.py) on the device it will run on: a prefill and a
-few decode steps of random rows, one of them padded up to its bucket. On any error or a result out of
-tolerance it logs why and the runtime serves the reference forward instead.
+The model is the eager runtime's (model/runtime/eager.py), with two differences.
+
+- The step. Before it serves, the static step is checked against the reference forward (model/llama.py)
+  on the device it will run on: a prefill and a few decode steps of random rows, one of them padded up
+  to its bucket. On any error or a result out of tolerance it logs why and the runtime serves the
+  reference forward instead.
+- Prefills and VQ decodes run in pieces between the steps (model/pieces.py), one piece per turn of the
+  scheduler (run_piece), alternating between the two when both wait: a prompt's image encoder a few
+  SigLIP blocks at a time, then its tokens a chunk at a time; finished images a few at once, a residual
+  block at a time. The running rows then wait for one piece at most, never for a whole prompt or
+  decode. Everything runs on the loop's thread and the device's one stream: Paddle's current stream is
+  one setting per device for the whole process (paddle.device.set_stream), so a thread decoding on a
+  stream of its own would move the loop's kernels, and its graph captures, onto that stream too.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
+import time
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
-from ..generation import DecodeBatch
+from ..generation import DecodeBatch, to_uint8_images
 from ..graphs import CapturedSteps
+from ..pieces import Pieces, advance, drain
 from ..static_step import CAPTURED_AT_START, StaticStep, row_bucket
-from .eager import EagerRuntime
+from .eager import EagerRuntime, Start, done
 
 log = logging.getLogger("janus.runtime")
 
 # The largest difference of the final hidden states from the reference's, relative to their largest value.
 SELF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
+# The size of a piece of work between two steps: about one decode step at 32 rows on an H100 (3 ms), on
+# paper until a GPU measures it (docs/gpu-runtime.md).
+PREFILL_CHUNK = 512  # prompt tokens per piece, over all the prompt's rows
+VISION_BLOCKS = 8  # SigLIP blocks per piece
+VQ_BATCH = 4  # images VQ-decoded together (more when one request has more)
+
+
+@dataclasses.dataclass
+class Decode:
+    """The images of some requests, VQ-decoded together in pieces: each request's codes and future."""
+
+    requests: list[tuple[np.ndarray, Future]]
+    pieces: Pieces | None  # made at its first piece
+    started: float
+
 
 class GpuRuntime(EagerRuntime):
     name = "gpu"
 
-    def __init__(self, model, *, eos_id: int, pad_id: int, previews: bool = True, fused: bool | None = None):
-        """`fused`: Paddle's fused RMSNorm in the static step; by default tried first off CPU, then without."""
+    def __init__(self, model, *, eos_id: int, pad_id: int, previews: bool = True, fused: bool | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK, vision_blocks: int = VISION_BLOCKS, vq_batch: int = VQ_BATCH):
+        """`fused`: Paddle's fused RMSNorm in the static step; by default tried first off CPU, then without.
+        `prefill_chunk`, `vision_blocks`, `vq_batch`: the pieces' sizes."""
         super().__init__(model, eos_id=eos_id, pad_id=pad_id, previews=previews)
+        self.prefill_chunk, self.vision_blocks, self.vq_batch = prefill_chunk, vision_blocks, vq_batch
+        self.starts: collections.deque[tuple[Start, Future]] = collections.deque()  # prefills to run, in order
+        self.joining: list[tuple[Start, Future, Any]] = []  # prefilled: they join the batch at poll()
+        self.images: collections.deque[tuple[np.ndarray, Future]] = collections.deque()  # codes to decode
+        self.decoding: Decode | None = None
+        self.turns = 0
         self.captured: CapturedSteps | None = None
         self.step_kind, self.self_check_error = "eager", None
         on_cpu = self.device.startswith("cpu")
@@ -84,8 +121,112 @@ class GpuRuntime(EagerRuntime):
         rows = [1 << i for i in range(largest.bit_length())]
         self.captured.capture_all(self.batch.cache, rows, step.length_buckets(row_length))
 
+    # ---- prefills and VQ decodes in pieces
+
+    def start(self, kind: str, rid: str, payload: dict[str, Any]) -> Future:
+        try:
+            start = self.prepare(kind, rid, payload, chunk=self.prefill_chunk, vision_blocks=self.vision_blocks)
+        except Exception as error:  # noqa: BLE001 - this request fails alone
+            return done(error=error)
+        future: Future = Future()
+        self.starts.append((start, future))
+        return future
+
+    def decode_images(self, codes) -> Future:
+        future: Future = Future()
+        self.images.append((np.asarray(codes, np.int64), future))
+        return future
+
+    def run_piece(self) -> bool:
+        """The next piece of the first prefill or of the VQ decode, taking turns when both wait."""
+        decodes = bool(self.images or self.decoding)
+        if self.starts and (not decodes or self.turns % 2 == 0):
+            self.prefill_piece()
+        elif decodes:
+            self.decode_piece()
+        self.turns += 1
+        return bool(self.starts or self.joining or self.images or self.decoding)
+
+    def prefill_piece(self) -> None:
+        start, future = self.starts[0]
+        try:
+            finished, logits = advance(start.pieces)
+        except Exception as error:  # noqa: BLE001 - this request fails alone
+            self.starts.popleft()
+            start.give_back()
+            future.set_exception(error)
+            return
+        if finished:
+            self.starts.popleft()
+            self.joining.append((start, future, logits))
+
+    def poll(self) -> None:
+        """Prefilled requests join the batch (between steps: their first events come before their next)."""
+        joining, self.joining = self.joining, []
+        for start, future, logits in joining:
+            try:
+                future.set_result(start.join(logits))
+            except Exception as error:  # noqa: BLE001 - this request fails alone
+                start.give_back()
+                future.set_exception(error)
+
+    def remove(self, rid: str) -> None:
+        for waiting in (self.starts, self.joining):
+            for entry in list(waiting):
+                if entry[0].rid == rid:
+                    waiting.remove(entry)
+                    entry[0].give_back()
+                    entry[1].cancel()
+                    return
+        super().remove(rid)
+
+    def decode_piece(self) -> None:
+        if self.decoding is None:
+            requests, images = [], 0
+            while self.images and (not requests or images + len(self.images[0][0]) <= self.vq_batch):
+                codes, future = self.images.popleft()
+                if future.set_running_or_notify_cancel():  # else cancelled while it waited: never decoded
+                    requests.append((codes, future))
+                    images += len(codes)
+            if not requests:
+                return
+            self.decoding = Decode(requests, None, time.perf_counter())
+        decoding = self.decoding
+        try:
+            if decoding.pieces is None:
+                decoding.pieces = self.model.decode_image_pieces(np.concatenate([c for c, _ in decoding.requests]))
+            finished, pixels = advance(decoding.pieces)
+            if finished:
+                images = to_uint8_images(pixels.numpy())
+        except Exception as error:  # noqa: BLE001 - its requests fail; alone, if there are several
+            self.decoding = None
+            self.fail_decode(decoding.requests, error)
+            return
+        if finished:
+            self.decoding = None
+            seconds = time.perf_counter() - decoding.started
+            for codes, future in decoding.requests:
+                future.set_result((images[: len(codes)], seconds))
+                images = images[len(codes):]
+
+    def fail_decode(self, requests: list[tuple[np.ndarray, Future]], error: BaseException) -> None:
+        """A decode of several requests failed: each decoded alone, in one piece, so that a failure is its own."""
+        if len(requests) == 1:
+            requests[0][1].set_exception(error)
+            return
+        for codes, future in requests:
+            started = time.perf_counter()
+            try:
+                images = to_uint8_images(drain(self.model.decode_image_pieces(codes)).numpy())
+            except Exception as alone:  # noqa: BLE001
+                future.set_exception(alone)
+            else:
+                future.set_result((images, time.perf_counter() - started))
+
     def describe(self) -> dict[str, Any]:
-        described = {**super().describe(), "step": self.step_kind, "fused_norms": self.static_step.fused}
+        described = {**super().describe(), "step": self.step_kind, "fused_norms": self.static_step.fused,
+                     "prefill": "pieces", "prefill_chunk": self.prefill_chunk, "vision_blocks": self.vision_blocks,
+                     "vq_batch": self.vq_batch}
         if self.captured is not None:
             described.update(self.captured.describe())
         if self.self_check_error:

@@ -6,8 +6,9 @@ running row together, hands finished image codes to the runtime's decoder, and s
 request produced to its outbox. Requests join and leave between steps (continuous batching).
 
 It knows nothing of how a device runs the model: that is the runtime's (model/runtime/). A
-runtime may start a request or decode images in the background: it answers with a future, which
-the scheduler polls between steps, so that the running rows never wait for it. Pure Python: no
+runtime may start a request or decode images in the background, or in pieces that the scheduler
+has it run one per turn, before each step (run_piece): it answers with a future, which the scheduler
+polls between steps, so that the running rows never wait for it (or for more than one piece). Pure Python: no
 Paddle, numpy or OpenVINO here (tests/test_scheduler.py drives it with a fake runtime).
 
 Messages in:  ("understand", rid, payload) | ("generate", rid, payload) | ("cancel", rid) | ("stop",)
@@ -66,6 +67,7 @@ class Scheduler:
         self.running: dict[str, Request] = {}  # in the batch
         self.decoding: dict[str, Request] = {}  # the runtime is decoding their images
         self.steps = 0
+        self.busy = False  # the runtime has pieces of work to run between steps (run_piece)
         self.reported_rows = 0
         self.events: list[tuple] = []
         self.parent = multiprocessing.parent_process()  # None when not started by multiprocessing
@@ -83,9 +85,11 @@ class Scheduler:
             self.iterate()
 
     def iterate(self) -> None:
-        """One turn: what the runtime finished, admission, a step, the events out."""
+        """One turn: what the runtime finished, admission, a piece of the runtime's own work, a step, the events
+        out."""
         self.collect()
         self.admit()
+        self.busy = self.runtime.run_piece()
         if self.running:
             self.step()
         self.collect()
@@ -99,7 +103,7 @@ class Scheduler:
 
     def take_messages(self) -> bool:
         """Read the inbox (waiting when there is nothing to step); False on "stop"."""
-        block = not self.running and not self.pending
+        block = not self.running and not self.pending and not self.busy
         futures = self.in_flight() if block else []
         if futures:  # only the runtime's background work: wake when it is done, or for a message
             concurrent.futures.wait(futures, timeout=FUTURE_WAIT, return_when=concurrent.futures.FIRST_COMPLETED)
