@@ -4,23 +4,28 @@ The reference forward (model/llama.py) builds every step's rotary tables, cache 
 the host and sends each over (6-7 copies a step), and reads the cache in blocks. Here:
 
 - The cache is one buffer per layer for keys and one for values, [slots + 1, max_len, kv_heads,
-  head_dim]: a row's positions are contiguous; the last slot is a scratch row that padding rows write.
+  head_dim]: a row's positions are contiguous, and a position's heads; the last slot is a scratch row
+  that padding rows write.
 - A decode step (one new token per row) runs at a bucket of rows (1, 2, 4, ...: padded up) and of
   cached length (a multiple of LENGTH_BUCKET): its shapes depend on the bucket alone, so that a
   CUDA graph captured for a bucket can replay it. Its inputs (each row's cache slot and position)
   reach the device in one copy into a buffer kept per bucket; the rotary factors are gathered from
   tables on the device and the mask is built there. Inside the step nothing is read back and no
   tensor is made from host data.
-- Per layer: RMSNorm, one QKV product, rotary (4 operations), two cache writes, a gather of the rows'
-  cached keys and values, scaled_dot_product_attention, the output product, RMSNorm, the gate/up
-  product, swiglu, the down product. On a GPU the norms are Paddle's fused kernel (switch `fused`);
-  on CPU, where that kernel is not safe to call, the reference's six operations.
+- Per layer: RMSNorm, one QKV product, rotary, two cache writes, a gather of the rows' cached keys and
+  values, scaled_dot_product_attention, the output product, RMSNorm, the gate/up product, swiglu, the
+  down product. On a GPU, attention is one flash-attention (or memory-efficient) kernel that takes this
+  [batch, positions, heads, head_dim] layout as it is and keeps scores and softmax in float32. On CPU
+  Paddle composes it of strided transposes and matmuls, which make the step slower there than the
+  eager one (janus-server check shows both); a CPU never serves with it (model/runtime/cpu.py).
+- `fused` (a GPU's; never on CPU, where Paddle's fused kernels are missing or not safe to call): the
+  norms are Paddle's fused RMSNorm, the rotary embedding its fused_rotary_position_embedding (one
+  kernel for q and k instead of six operations). The runtime checks the result against the reference
+  on the device before it serves, and runs unfused otherwise (model/runtime/gpu.py).
 - A prefill (a prompt, or a chunk of one from a later position) runs through the same layers at its
   own shape, causal, and writes its keys and values into the rows' cache slots. It is not captured.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import paddle
@@ -42,14 +47,15 @@ def row_bucket(rows: int) -> int:
 
 class StaticCache:
     """Keys and values of `num_slots` rows of up to `max_len` positions. Per layer one buffer each, laid out
-    [num_slots + 1, kv_heads, max_len, head_dim] (the last slot: scratch for padding rows) and kept flat,
-    [(num_slots + 1) * kv_heads * max_len, head_dim]: a step writes and gathers rows of it by one index."""
+    [num_slots + 1, max_len, kv_heads, head_dim] (the last slot: scratch for padding rows) and kept flat over slots
+    and positions, [(num_slots + 1) * max_len, kv_heads, head_dim]: a step writes and gathers positions (every
+    head at once) by one index."""
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int, head_dim: int, dtype: str):
         if num_slots < 1 or max_len < 1:
             raise ValueError(f"a KV cache needs at least one slot and one position, got {num_slots} x {max_len}")
         self.num_slots, self.max_len, self.kv_heads = num_slots, max_len, kv_heads
-        shape = [(num_slots + 1) * kv_heads * max_len, head_dim]
+        shape = [(num_slots + 1) * max_len, kv_heads, head_dim]
         self.k = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.v = [paddle.zeros(shape, dtype=dtype) for _ in range(num_layers)]
 
@@ -62,8 +68,8 @@ class StaticCache:
         return sum(int(t.numel()) * t.element_size() for t in self.k + self.v)
 
     def view(self, tensor: paddle.Tensor):
-        """A layer's buffer as [num_slots + 1, kv_heads, max_len, head_dim] (numpy, for tests)."""
-        return tensor.numpy().reshape(self.num_slots + 1, self.kv_heads, self.max_len, -1)
+        """A layer's buffer as [num_slots + 1, max_len, kv_heads, head_dim] (numpy, for tests)."""
+        return tensor.numpy().reshape(self.num_slots + 1, self.max_len, self.kv_heads, -1)
 
 
 class StaticStep:
@@ -74,7 +80,8 @@ class StaticStep:
 
     def __init__(self, lm, dtype: str, *, fused: bool | None = None):
         """`lm`: the model's LlamaModel (model.language_model.model), whose weights the step uses as they are;
-        `dtype`: theirs; `fused`: Paddle's fused RMSNorm (default: off CPU, where it is not safe to call)."""
+        `dtype`: theirs; `fused`: Paddle's fused RMSNorm and rotary kernels (default: off CPU, where they are
+        missing or not safe to call)."""
         self.config = lm.config
         self.layers, self.final_norm = lm.layers, lm.norm
         self.dtype = dtype
@@ -95,18 +102,19 @@ class StaticStep:
         return StaticCache(c.num_hidden_layers, slots, max_len, c.num_key_value_heads, c.head_dim, self.dtype)
 
     def _tables(self, max_len: int):
-        """(cos, sin with its first half negated) [max_len, heads + kv_heads, head_dim], the query heads' scaled by
-        1/sqrt(head_dim) (the attention's scale, folded in); the key positions 0..max_len-1; the kv heads
-        0..kv_heads-1; the mask's two values (0, -inf): made once, so that a step makes no tensor."""
+        """cos and sin [max_len, 1, head_dim] (unfused: sin's first half negated, so that rotating is
+        x * cos + roll(x) * sin; fused: [1, max_len, 1, head_dim] as the fused kernel takes them), the key
+        positions 0..max_len-1 and the mask's two values (0, -inf): made once, so that a step makes no tensor."""
         if max_len not in self.tables:
             cos, sin = rotary_cos_sin(np.arange(max_len, dtype=np.int64), self.inv_freq)
-            sin[..., : sin.shape[-1] // 2] *= -1
-            scale = np.ones((1, self.heads + self.kv_heads, 1), np.float32)
-            scale[:, : self.heads] = np.float32(1.0 / math.sqrt(self.head_dim))
-            self.tables[max_len] = (from_numpy(cos[:, None, :] * scale).astype(self.dtype),
-                                    from_numpy(sin[:, None, :] * scale).astype(self.dtype),
+            if self.fused:
+                cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+            else:
+                sin[..., : sin.shape[-1] // 2] *= -1
+                cos, sin = cos[:, None, :], sin[:, None, :]
+            self.tables[max_len] = (from_numpy(np.ascontiguousarray(cos)).astype(self.dtype),
+                                    from_numpy(np.ascontiguousarray(sin)).astype(self.dtype),
                                     from_numpy(np.arange(max_len, dtype=np.int64)),
-                                    from_numpy(np.arange(self.kv_heads, dtype=np.int64)[None]),  # [1, kv_heads]
                                     from_numpy(np.array([0.0, -np.inf], np.float32)).astype(self.dtype))
         return self.tables[max_len]
 
@@ -147,89 +155,101 @@ class StaticStep:
 
     def step(self, x: paddle.Tensor, cache: StaticCache, index: paddle.Tensor, length: int) -> paddle.Tensor:
         """The captured part: x [bucket, 1, hidden] at index [2, bucket] (slots, positions), keys up to `length`."""
-        cos_table, sin_table, key_positions, kv_head_ids, mask_values = self._tables(cache.max_len)
+        key_positions, mask_values = self._tables(cache.max_len)[2:]
         slots, positions = index[0], index[1]
-        bucket, kv_heads, max_len = x.shape[0], self.kv_heads, cache.max_len
-        cos = paddle.index_select(cos_table, positions).unsqueeze(1)  # [bucket, 1, heads + kv_heads, head_dim]
-        sin = paddle.index_select(sin_table, positions).unsqueeze(1)
+        rotate = self.rotation(cache.max_len, positions.unsqueeze(1))
         visible = key_positions[:length].unsqueeze(0) <= positions.unsqueeze(1)  # [bucket, length]
-        mask = paddle.where(visible, mask_values[0], mask_values[1]).reshape([bucket, 1, 1, length])
-        # rows of the flat cache: (slot * kv_heads + head) * max_len + position
-        heads = (slots.unsqueeze(1) * kv_heads + kv_head_ids) * max_len
-        write = (heads + positions.unsqueeze(1)).reshape([-1])  # [bucket * kv_heads]
-        read = (heads.unsqueeze(2) + key_positions[:length].reshape([1, 1, length])).reshape([-1])
+        mask = paddle.where(visible, mask_values[0], mask_values[1]).reshape([x.shape[0], 1, 1, length])
+        first = (slots * cache.max_len).unsqueeze(1)  # each row's first position in the flat cache
+        write = first + positions.unsqueeze(1)  # [bucket, 1]: where k [bucket, 1, kv_heads, head_dim] goes
+        read = (first + key_positions[:length].unsqueeze(0)).reshape([-1])  # [bucket * length]
+        shape = [x.shape[0], length, self.kv_heads, self.head_dim]
 
         def attention(q, k, v, k_cache, v_cache):
-            paddle.index_put_(k_cache, (write,), k.reshape([bucket * kv_heads, self.head_dim]))
-            paddle.index_put_(v_cache, (write,), v.reshape([bucket * kv_heads, self.head_dim]))
-            shape = [bucket, kv_heads, length, self.head_dim]
+            paddle.index_put_(k_cache, (write,), k)
+            paddle.index_put_(v_cache, (write,), v)
             keys = paddle.index_select(k_cache, read).reshape(shape)
-            values = paddle.index_select(v_cache, read).reshape(shape)
-            # [bucket, kv_heads, groups, head_dim]: with one new token, the same memory order as q's
-            q = q.reshape([bucket, kv_heads, self.heads // kv_heads, self.head_dim])
-            scores = paddle.matmul(q, keys, transpose_y=True) + mask  # q carries the 1/sqrt(head_dim)
-            return paddle.matmul(F.softmax(scores, axis=-1), values)
+            return self.attend(q, keys, paddle.index_select(v_cache, read).reshape(shape), mask=mask)
 
         for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
-            x = self.layer(layer, x, cos, sin, k_cache, v_cache, attention)
+            x = self.layer(layer, x, rotate, k_cache, v_cache, attention)
         return self.norm(self.final_norm, x)
 
     def prefill(self, embeds: paddle.Tensor, cache: StaticCache, slots: np.ndarray, positions: np.ndarray) -> paddle.Tensor:
         """Prompts, or chunks of them, [B, T, hidden] at positions [B, T], causal; their keys and values go to
         `slots`. From position 0 each attends to itself alone; a later chunk also to what its row cached."""
-        length = embeds.shape[1]
-        kv_heads, groups, max_len, head_dim = self.kv_heads, self.heads // self.kv_heads, cache.max_len, self.head_dim
-        cos_table, sin_table = self._tables(max_len)[:2]
-        index = from_numpy(positions.reshape(-1))
-        shape = [len(slots), length, self.heads + kv_heads, head_dim]
-        cos, sin = paddle.index_select(cos_table, index).reshape(shape), paddle.index_select(sin_table, index).reshape(shape)
-        heads = (slots[:, None, None] * kv_heads + np.arange(kv_heads)[None, :, None]) * max_len  # [B, kv_heads, 1]
-        write = from_numpy((heads + positions[:, None, :]).reshape(-1).astype(np.int64))
+        max_len = cache.max_len
+        rotate = self.rotation(max_len, from_numpy(positions))
+        first = slots[:, None] * max_len
+        write = from_numpy(first + positions)  # [B, T]
         fresh = not positions[:, 0].any()
         if not fresh:
             seen = int(positions.max()) + 1
-            read = from_numpy((heads + np.arange(seen)[None, None, :]).reshape(-1).astype(np.int64))
+            read = from_numpy((first + np.arange(seen)[None, :]).reshape(-1))  # [B * seen]
+            shape = [len(slots), seen, self.kv_heads, self.head_dim]
             allowed = np.arange(seen)[None, None, :] <= positions[:, :, None]  # [B, T, seen]
-            mask = from_numpy(np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None, None]).astype(self.dtype)
+            mask = from_numpy(np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None]).astype(self.dtype)
 
         def attention(q, k, v, k_cache, v_cache):
-            for tensor, target in ((k, k_cache), (v, v_cache)):
-                paddle.index_put_(target, (write,), tensor.transpose([0, 2, 1, 3]).reshape([-1, head_dim]))
+            paddle.index_put_(k_cache, (write,), k)
+            paddle.index_put_(v_cache, (write,), v)
             if fresh:
-                if groups > 1:
-                    k, v = paddle.repeat_interleave(k, groups, axis=2), paddle.repeat_interleave(v, groups, axis=2)
-                # q carries the 1/sqrt(head_dim) already; the kernel applies its own
-                return F.scaled_dot_product_attention(q * math.sqrt(head_dim), k, v, is_causal=True, training=False)
-            batch = q.shape[0]
-            keys = paddle.index_select(k_cache, read).reshape([batch, kv_heads, seen, head_dim])
-            values = paddle.index_select(v_cache, read).reshape([batch, kv_heads, seen, head_dim])
-            q = q.transpose([0, 2, 1, 3]).reshape([batch, kv_heads, groups * length, head_dim])
-            scores = paddle.matmul(q, keys, transpose_y=True).reshape([batch, kv_heads, groups, length, seen]) + mask
-            probs = F.softmax(scores, axis=-1).reshape([batch, kv_heads, groups * length, seen])
-            out = paddle.matmul(probs, values).reshape([batch, self.heads, length, head_dim])
-            return out.transpose([0, 2, 1, 3])
+                return self.attend(q, k, v, causal=True)
+            keys = paddle.index_select(k_cache, read).reshape(shape)
+            return self.attend(q, keys, paddle.index_select(v_cache, read).reshape(shape), mask=mask)
 
         x = embeds
         for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
-            x = self.layer(layer, x, cos, sin, k_cache, v_cache, attention)
+            x = self.layer(layer, x, rotate, k_cache, v_cache, attention)
         return self.norm(self.final_norm, x)
 
     # ---- one layer
 
-    def layer(self, layer, x, cos, sin, k_cache, v_cache, attention) -> paddle.Tensor:
+    def layer(self, layer, x, rotate, k_cache, v_cache, attention) -> paddle.Tensor:
         batch, length = x.shape[0], x.shape[1]
-        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         attn = layer.self_attn
         qkv = paddle.matmul(self.norm(layer.input_layernorm, x), attn.qkv_proj.weight)
-        qk, v = paddle.split(qkv.reshape([batch, length, heads + 2 * kv_heads, head_dim]), [heads + kv_heads, kv_heads],
-                             axis=2)
-        qk = qk * cos + paddle.roll(qk, head_dim // 2, axis=-1) * sin
-        q, k = paddle.split(qk, [heads, kv_heads], axis=2)
-        out = attention(q, k, v, k_cache, v_cache).reshape([batch, length, heads * head_dim])
+        q, k, v = rotate(qkv.reshape([batch, length, self.heads + 2 * self.kv_heads, self.head_dim]))
+        out = attention(q, k, v, k_cache, v_cache).reshape([batch, length, self.heads * self.head_dim])
         x = x + paddle.matmul(out, attn.o_proj.weight)
         mlp = layer.mlp
         up = F.swiglu(paddle.matmul(self.norm(layer.post_attention_layernorm, x), mlp.gate_up_proj.weight))
         return x + paddle.matmul(up, mlp.down_proj.weight)
+
+    def rotation(self, max_len: int, positions: paddle.Tensor):
+        """How q and k of tokens at `positions` [B, T] (on the device) are rotated: qkv [B, T, heads + 2 *
+        kv_heads, head_dim] -> q, k (rotated), v. Fused: one kernel for q and k, which gathers the tables' rows
+        itself; else the factors gathered once for every layer and four operations a layer."""
+        cos_table, sin_table = self._tables(max_len)[:2]
+        sections = [self.heads, self.kv_heads, self.kv_heads]
+        if self.fused:
+            from paddle.incubate.nn.functional import fused_rotary_position_embedding
+
+            def rotate(qkv):
+                q, k, v = paddle.split(qkv, sections, axis=2)
+                q, k, _ = fused_rotary_position_embedding(q, k, None, sin=sin_table, cos=cos_table,
+                                                          position_ids=positions, use_neox_rotary_style=False)
+                return q, k, v
+
+            return rotate
+        shape = [*positions.shape, 1, self.head_dim]
+        flat = positions.reshape([-1])
+        cos, sin = paddle.index_select(cos_table, flat).reshape(shape), paddle.index_select(sin_table, flat).reshape(shape)
+        half = self.head_dim // 2
+
+        def rotate(qkv):
+            qk, v = paddle.split(qkv, [self.heads + self.kv_heads, self.kv_heads], axis=2)
+            qk = qk * cos + paddle.roll(qk, half, axis=-1) * sin
+            q, k = paddle.split(qk, sections[:2], axis=2)
+            return q, k, v
+
+        return rotate
+
+    def attend(self, q, keys, values, *, mask=None, causal: bool = False) -> paddle.Tensor:
+        """Attention of q [B, T, heads, head_dim] over keys and values [B, S, kv_heads, head_dim]; `mask` [B, 1,
+        T, S] additive, or `causal`."""
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, training=False,
+                                              enable_gqa=self.heads != self.kv_heads)
 
     def norm(self, layer, x) -> paddle.Tensor:
         """RMSNorm: Paddle's fused kernel where `fused` (GPU), else the reference's operations."""

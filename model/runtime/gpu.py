@@ -57,7 +57,8 @@ class GpuRuntime(EagerRuntime):
 
     def __init__(self, model, *, eos_id: int, pad_id: int, previews: bool = True, fused: bool | None = None,
                  prefill_chunk: int = PREFILL_CHUNK, vision_blocks: int = VISION_BLOCKS, vq_batch: int = VQ_BATCH):
-        """`fused`: Paddle's fused RMSNorm in the static step; by default tried first off CPU, then without.
+        """`fused`: Paddle's fused RMSNorm and rotary kernels in the static step (model/static_step.py); by default
+        tried first off CPU, then without.
         `prefill_chunk`, `vision_blocks`, `vq_batch`: the pieces' sizes."""
         super().__init__(model, eos_id=eos_id, pad_id=pad_id, previews=previews)
         self.prefill_chunk, self.vision_blocks, self.vq_batch = prefill_chunk, vision_blocks, vq_batch
@@ -79,15 +80,16 @@ class GpuRuntime(EagerRuntime):
             if error is None:
                 self.step_kind = "static"
                 break
-            errors.append(f"{'fused' if choice else 'unfused'} norms: {error}")
+            errors.append(f"{'fused' if choice else 'unfused'} kernels: {error}")
             log.warning("the static decode step (%s) did not match the reference on %s: %s",
-                        "fused norms" if choice else "unfused norms", self.device, error)
+                        "fused kernels" if choice else "unfused", self.device, error)
         if self.step_kind != "static":
             self.self_check_error = "; ".join(errors)
             log.warning("serving the eager decode step on %s", self.device)
 
-    def self_check(self, rows: int = 3, prompt: int = 5, steps: int = 3) -> str | None:
-        """None when the static step gives the reference's hidden states within tolerance, else why not."""
+    def self_check(self, rows: int = 3, prompt: int = 5, chunk: int = 3, steps: int = 3) -> str | None:
+        """None when the static step gives the reference's hidden states within tolerance, else why not: a prompt
+        prefilled as a first chunk and a later one (as the runtime's pieces run it), then decode steps."""
         model = self.model
         hidden = model.config.language.hidden_size
         rng = np.random.default_rng(0)
@@ -96,8 +98,7 @@ class GpuRuntime(EagerRuntime):
         static = self.static_step.new_cache(rows + 1, length)
         slots = np.arange(rows)[::-1].copy() + 1  # not the identity: rows land in other slots
         worst = 0.0
-        for start in [0] + [prompt + i for i in range(steps)]:
-            t = prompt if start == 0 else 1
+        for start, t in [(0, chunk), (chunk, prompt - chunk)] + [(prompt + i, 1) for i in range(steps)]:
             embeds = rng.standard_normal((rows, t, hidden)).astype(np.float32)
             want = model.forward_hidden(embeds, reference, slots, np.full(rows, start)).astype("float32").numpy()
             got = self.static_step.forward_hidden(embeds, static, slots, np.full(rows, start)).astype("float32").numpy()
@@ -224,7 +225,7 @@ class GpuRuntime(EagerRuntime):
                 future.set_result((images, time.perf_counter() - started))
 
     def describe(self) -> dict[str, Any]:
-        described = {**super().describe(), "step": self.step_kind, "fused_norms": self.static_step.fused,
+        described = {**super().describe(), "step": self.step_kind, "fused_kernels": self.static_step.fused,
                      "prefill": "pieces", "prefill_chunk": self.prefill_chunk, "vision_blocks": self.vision_blocks,
                      "vq_batch": self.vq_batch}
         if self.captured is not None:
