@@ -18,9 +18,10 @@ the host and sends each over (6-7 copies a step), and reads the cache in blocks.
   [batch, positions, heads, head_dim] layout as it is and keeps scores and softmax in float32. On CPU
   Paddle composes it of strided transposes and matmuls, which make the step slower there than the
   eager one (janus-server check shows both); a CPU never serves with it (model/runtime/cpu.py).
-- `fused` (a GPU's; never on CPU, where Paddle's fused kernels are missing or not safe to call): the
-  norms are Paddle's fused RMSNorm, the rotary embedding its fused_rotary_position_embedding (one
-  kernel for q and k instead of six operations). The runtime checks the result against the reference
+- `fused` (a GPU's; never on CPU, where Paddle's fused kernels are missing or not safe to call): each
+  residual addition and the RMSNorm after it are Paddle's fused_rms_norm (one kernel instead of seven
+  operations), the rotary embedding its fused_rotary_position_embedding (one kernel for q and k
+  instead of six operations). The runtime checks the result against the reference
   on the device before it serves, and runs unfused otherwise (model/runtime/gpu.py).
 - A prefill (a prompt, or a chunk of one from a later position) runs through the same layers at its
   own shape, causal, and writes its keys and values into the rows' cache slots. It is not captured.
@@ -171,9 +172,7 @@ class StaticStep:
             keys = paddle.index_select(k_cache, read).reshape(shape)
             return self.attend(q, keys, paddle.index_select(v_cache, read).reshape(shape), mask=mask)
 
-        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
-            x = self.layer(layer, x, rotate, k_cache, v_cache, attention)
-        return self.norm(self.final_norm, x)
+        return self.run_layers(x, rotate, cache, attention)
 
     def prefill(self, embeds: paddle.Tensor, cache: StaticCache, slots: np.ndarray, positions: np.ndarray) -> paddle.Tensor:
         """Prompts, or chunks of them, [B, T, hidden] at positions [B, T], causal; their keys and values go to
@@ -199,22 +198,30 @@ class StaticStep:
             return self.attend(q, keys, paddle.index_select(v_cache, read).reshape(shape), mask=mask)
 
         x = embeds
-        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
-            x = self.layer(layer, x, rotate, k_cache, v_cache, attention)
-        return self.norm(self.final_norm, x)
+        return self.run_layers(x, rotate, cache, attention)
 
     # ---- one layer
 
-    def layer(self, layer, x, rotate, k_cache, v_cache, attention) -> paddle.Tensor:
+    def run_layers(self, x, rotate, cache: StaticCache, attention) -> paddle.Tensor:
+        """Every layer, then the final norm. Each layer leaves its MLP's output to be added to the residual stream
+        by the next norm: with fused kernels, one operation adds and normalizes."""
+        delta = None
+        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
+            x, delta = self.layer(layer, x, delta, rotate, k_cache, v_cache, attention)
+        return self.add_norm(x, delta, self.final_norm)[0]
+
+    def layer(self, layer, x, delta, rotate, k_cache, v_cache, attention) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """One decoder layer over the residual stream x plus the previous layer's `delta` (None: none): the new
+        stream, and this layer's MLP output to add to it."""
         batch, length = x.shape[0], x.shape[1]
         attn = layer.self_attn
-        qkv = paddle.matmul(self.norm(layer.input_layernorm, x), attn.qkv_proj.weight)
+        normed, x = self.add_norm(x, delta, layer.input_layernorm)
+        qkv = paddle.matmul(normed, attn.qkv_proj.weight)
         q, k, v = rotate(qkv.reshape([batch, length, self.heads + 2 * self.kv_heads, self.head_dim]))
         out = attention(q, k, v, k_cache, v_cache).reshape([batch, length, self.heads * self.head_dim])
-        x = x + paddle.matmul(out, attn.o_proj.weight)
+        normed, x = self.add_norm(x, paddle.matmul(out, attn.o_proj.weight), layer.post_attention_layernorm)
         mlp = layer.mlp
-        up = F.swiglu(paddle.matmul(self.norm(layer.post_attention_layernorm, x), mlp.gate_up_proj.weight))
-        return x + paddle.matmul(up, mlp.down_proj.weight)
+        return x, paddle.matmul(F.swiglu(paddle.matmul(normed, mlp.gate_up_proj.weight)), mlp.down_proj.weight)
 
     def rotation(self, max_len: int, positions: paddle.Tensor):
         """How q and k of tokens at `positions` [B, T] (on the device) are rotated: qkv [B, T, heads + 2 *
@@ -251,8 +258,15 @@ class StaticStep:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, training=False,
                                               enable_gqa=self.heads != self.kv_heads)
 
-    def norm(self, layer, x) -> paddle.Tensor:
-        """RMSNorm: Paddle's fused kernel where `fused` (GPU), else the reference's operations."""
+    def add_norm(self, x, delta, norm) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """(RMSNorm of x + delta, x + delta); delta None: of x. Where `fused` (GPU), Paddle's fused_rms_norm adds and
+        normalizes in one kernel; else the addition and the reference's operations."""
         if self.fused:
-            return F.rms_norm(x, [x.shape[-1]], layer.weight, layer.eps)[0]
-        return layer(x)
+            from paddle.incubate.nn.functional import fused_rms_norm
+
+            # out = norm(x + residual), residual_out = x + residual
+            fused = fused_rms_norm(x if delta is None else delta, norm.weight, None, norm.eps, x.ndim - 1,
+                                   residual=None if delta is None else x)
+            return fused[0], x if delta is None else fused[1]
+        x = x if delta is None else x + delta
+        return norm(x), x
