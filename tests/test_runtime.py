@@ -349,3 +349,20 @@ def test_gpu_runtime_pieces_fail_and_are_cancelled_alone(model, golden):
     for future in futures[:2]:
         assert_reference_images(future.result()[0], arrays["generation.images_uint8"][:1])
     assert runtime.free_rows == 8
+
+
+@pytest.mark.parametrize("runtime_class", [EagerRuntime, GpuRuntime])
+def test_a_request_that_fails_as_it_joins_leaves_no_row_behind(model, golden, monkeypatch, runtime_class):
+    """Its rows come back and the batch does not step it, whether it failed before or after taking its place."""
+    arrays, cases = golden
+    runtime = opened(runtime_class, model, cases, 4, previews=False)
+
+    def broken(sequences, logits):
+        raise RuntimeError("sampling failed")
+
+    monkeypatch.setattr(runtime.batch, "_accept_text", broken)
+    future = runtime.start("understand", "u", understand_message(arrays, "u", "conv1")[2])
+    while runtime.run_piece():
+        runtime.poll()
+    assert "sampling failed" in str(future.exception())
+    assert runtime.free_rows == 4 and not runtime.batch.sequences

@@ -101,8 +101,15 @@ class EagerRuntime:
         try:
             return done(start.join(drain(start.pieces)))
         except Exception as error:  # noqa: BLE001 - this request fails alone
-            start.give_back()
+            self.abandon(start)
             return done(error=error)
+
+    def abandon(self, start: Start) -> None:
+        """Free the rows of a start that failed, in its prefill or as it joined the batch."""
+        if start.rid in self.batch.sequences:
+            self.batch.remove(start.rid)
+        else:
+            start.give_back()
 
     def prepare(self, kind: str, rid: str, payload: dict[str, Any], *, chunk: int | None = None,
                 vision_blocks: int | None = None) -> Start:

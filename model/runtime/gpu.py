@@ -154,7 +154,7 @@ class GpuRuntime(EagerRuntime):
             finished, logits = advance(start.pieces)
         except Exception as error:  # noqa: BLE001 - this request fails alone
             self.starts.popleft()
-            start.give_back()
+            self.abandon(start)
             future.set_exception(error)
             return
         if finished:
@@ -168,7 +168,7 @@ class GpuRuntime(EagerRuntime):
             try:
                 future.set_result(start.join(logits))
             except Exception as error:  # noqa: BLE001 - this request fails alone
-                start.give_back()
+                self.abandon(start)
                 future.set_exception(error)
 
     def remove(self, rid: str) -> None:
