@@ -175,10 +175,11 @@ class DecodeBatch:
         blocks (None: encode_images, one piece), then the prompt in chunks of `chunk` tokens (None: one)."""
         embeds = self.model.embed_tokens(from_numpy(np.asarray(input_ids, np.int64)[None]))
         if pixel_values is not None and len(pixel_values):
+            pixels = from_numpy(pixel_values)
             if vision_blocks:
-                features = yield from self.model.encode_image_pieces(from_numpy(pixel_values), vision_blocks)
+                features = yield from self.model.encode_image_pieces(pixels, vision_blocks)
             else:
-                features = self.encode_images(from_numpy(pixel_values))
+                features = self.encode_images(pixels)
             embeds = merge_image_features(embeds, features, image_mask)
             if chunk:
                 yield

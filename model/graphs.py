@@ -29,6 +29,11 @@ WARMUPS = 2
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}  # relative to the output's largest value
 
 
+def relative_difference(got: np.ndarray, want: np.ndarray) -> float:
+    """The largest difference of `got` from `want`, relative to want's largest value."""
+    return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-6))
+
+
 def synchronize() -> None:
     """Wait for the device's queued work (nothing to wait for on a CPU place)."""
     if not paddle.get_device().startswith("cpu"):
@@ -120,7 +125,7 @@ class CapturedSteps:
             want = self.static.step(buffer, cache, index, length)
             synchronize()
             got, expected = out.astype("float32").numpy(), want.astype("float32").numpy()
-            worst = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-6))
+            worst = relative_difference(got, expected)
             tolerance = TOLERANCE[self.static.dtype]
             if not worst <= tolerance:
                 raise ValueError(f"replay differs from the eager step by {worst:.2e} (tolerance {tolerance:g})")

@@ -165,14 +165,7 @@ class StaticStep:
         write = first + positions.unsqueeze(1)  # [bucket, 1]: where k [bucket, 1, kv_heads, head_dim] goes
         read = (first + key_positions[:length].unsqueeze(0)).reshape([-1])  # [bucket * length]
         shape = [x.shape[0], length, self.kv_heads, self.head_dim]
-
-        def attention(q, k, v, k_cache, v_cache):
-            paddle.index_put_(k_cache, (write,), k)
-            paddle.index_put_(v_cache, (write,), v)
-            keys = paddle.index_select(k_cache, read).reshape(shape)
-            return self.attend(q, keys, paddle.index_select(v_cache, read).reshape(shape), mask=mask)
-
-        return self.run_layers(x, rotate, cache, attention)
+        return self.run_layers(x, rotate, cache, self.cache_attention(write, read, shape, mask))
 
     def prefill(self, embeds: paddle.Tensor, cache: StaticCache, slots: np.ndarray, positions: np.ndarray) -> paddle.Tensor:
         """Prompts, or chunks of them, [B, T, hidden] at positions [B, T], causal; their keys and values go to
@@ -181,24 +174,28 @@ class StaticStep:
         rotate = self.rotation(max_len, from_numpy(positions))
         first = slots[:, None] * max_len
         write = from_numpy(first + positions)  # [B, T]
-        fresh = not positions[:, 0].any()
-        if not fresh:
-            seen = int(positions.max()) + 1
-            read = from_numpy((first + np.arange(seen)[None, :]).reshape(-1))  # [B * seen]
-            shape = [len(slots), seen, self.kv_heads, self.head_dim]
-            allowed = np.arange(seen)[None, None, :] <= positions[:, :, None]  # [B, T, seen]
-            mask = from_numpy(np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None]).astype(self.dtype)
+        if not positions[:, 0].any():  # fresh prompts: each attends to its own keys alone
+            return self.run_layers(embeds, rotate, cache, self.cache_attention(write))
+        seen = int(positions.max()) + 1
+        read = from_numpy((first + np.arange(seen)[None, :]).reshape(-1))  # [B * seen]
+        shape = [len(slots), seen, self.kv_heads, self.head_dim]
+        allowed = np.arange(seen)[None, None, :] <= positions[:, :, None]  # [B, T, seen]
+        mask = from_numpy(np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None]).astype(self.dtype)
+        return self.run_layers(embeds, rotate, cache, self.cache_attention(write, read, shape, mask))
+
+    def cache_attention(self, write, read=None, shape=None, mask=None):
+        """attention(q, k, v, k_cache, v_cache) for the layers: k and v written to the cache rows `write`, then q
+        attends to the rows `read` (gathered as `shape`) under `mask`; without `read`, causally to k and v alone."""
 
         def attention(q, k, v, k_cache, v_cache):
             paddle.index_put_(k_cache, (write,), k)
             paddle.index_put_(v_cache, (write,), v)
-            if fresh:
+            if read is None:
                 return self.attend(q, k, v, causal=True)
             keys = paddle.index_select(k_cache, read).reshape(shape)
             return self.attend(q, keys, paddle.index_select(v_cache, read).reshape(shape), mask=mask)
 
-        x = embeds
-        return self.run_layers(x, rotate, cache, attention)
+        return attention
 
     # ---- one layer
 

@@ -117,7 +117,8 @@ class VQDecoder(nn.Layer):
 
     def pieces(self, z: paddle.Tensor) -> Pieces[paddle.Tensor]:
         """forward() in pieces (model/pieces.py): the lowest resolution's layers, then each residual block
-        (with its attention) and each upsampling of the levels above; the same operations in the same order."""
+        (with its attention) and each upsampling of the levels above; the same operations in the same order.
+        forward() does not drain this: the OpenVINO export traces forward(), and a generator cannot be traced."""
         h = self.conv_in(z)
         for block in self.mid:
             h = block(h)

@@ -90,11 +90,16 @@ def gpu_kernels(monkeypatch) -> None:
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_a_decode_step_matches_the_reference_at_every_bucket(model, monkeypatch, fused):
+def static_step(model, monkeypatch, fused: bool) -> StaticStep:
+    """The static step, fused (with the GPU kernels' stand-ins) or not."""
     if fused:
         gpu_kernels(monkeypatch)
-    step = StaticStep(model.language_model.model, "float32", fused=fused)
+    return StaticStep(model.language_model.model, "float32", fused=fused)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_decode_step_matches_the_reference_at_every_bucket(model, monkeypatch, fused):
+    step = static_step(model, monkeypatch, fused)
     static, reference = step.new_cache(9, 400), model.new_cache(9, 400)
     rng = np.random.default_rng(1)
     prompt = rng.standard_normal((8, 150, model.config.language.hidden_size)).astype(np.float32)
@@ -110,9 +115,7 @@ def test_a_decode_step_matches_the_reference_at_every_bucket(model, monkeypatch,
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_prompt_prefilled_in_chunks_matches_one_pass(model, monkeypatch, fused):
     """Chunks from later positions attend to what their rows cached: the same as the reference, in one pass."""
-    if fused:
-        gpu_kernels(monkeypatch)
-    step = StaticStep(model.language_model.model, "float32", fused=fused)
+    step = static_step(model, monkeypatch, fused)
     static, reference = step.new_cache(3, 400), model.new_cache(3, 400)
     prompt = np.random.default_rng(2).standard_normal((2, 300, model.config.language.hidden_size)).astype(np.float32)
     slots = np.array([2, 0])

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..generation import DecodeBatch, SamplingParams, SlotPool, checked_seeds, decode_images
+from ..generation import DecodeBatch, SamplingParams, checked_seeds, decode_images
 from ..pieces import Pieces, drain
 
 
@@ -35,17 +35,12 @@ def sampling(payload: dict[str, Any]) -> SamplingParams:
 @dataclasses.dataclass
 class Start:
     """A request's start: its prefill's pieces (model/pieces.py), then `join` with their result (its rows join
-    the batch; its first events). Until then its rows are its own: `give_back` frees them."""
+    the batch; its first events). Until then its rows are its own (EagerRuntime.abandon frees them)."""
 
     rid: str
     slots: list[int]
     pieces: Pieces
     join: Callable[[Any], list]
-    pool: SlotPool
-
-    def give_back(self) -> None:
-        self.pieces.close()
-        self.pool.give_back(self.slots)
 
 
 class EagerRuntime:
@@ -105,11 +100,12 @@ class EagerRuntime:
             return done(error=error)
 
     def abandon(self, start: Start) -> None:
-        """Free the rows of a start that failed, in its prefill or as it joined the batch."""
+        """Free the rows of a start that failed or was cancelled: in its prefill, or as it joined the batch."""
         if start.rid in self.batch.sequences:
             self.batch.remove(start.rid)
         else:
-            start.give_back()
+            start.pieces.close()
+            self.batch.pool.give_back(start.slots)
 
     def prepare(self, kind: str, rid: str, payload: dict[str, Any], *, chunk: int | None = None,
                 vision_blocks: int | None = None) -> Start:
@@ -124,14 +120,12 @@ class EagerRuntime:
                                                pixel_values=payload["pixel_values"], chunk=chunk,
                                                vision_blocks=vision_blocks)
             return Start(rid, slots, pieces, lambda logits: batch.start_text(rid, slot, len(ids), logits,
-                                                                              **self.text_options(payload)),
-                         batch.pool)
+                                                                              **self.text_options(payload)))
         prompt, seeds = payload["prompt_ids"], checked_seeds(payload["seeds"], payload["n"])
         slots = batch.reserve_images(len(prompt), payload["n"])
         pieces = batch.prefill_image_pieces(slots, prompt, pad_id=self.pad_id, chunk=chunk)
         return Start(rid, slots, pieces, lambda logits: batch.start_images(
-            rid, slots, len(prompt), logits, params=sampling(payload), seeds=seeds, cfg_weight=payload["cfg_weight"]),
-            batch.pool)
+            rid, slots, len(prompt), logits, params=sampling(payload), seeds=seeds, cfg_weight=payload["cfg_weight"]))
 
     def text_options(self, payload: dict[str, Any]) -> dict[str, Any]:
         """How an understanding request samples and stops (DecodeBatch.add_text / start_text)."""

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..generation import DecodeBatch, to_uint8_images
-from ..graphs import CapturedSteps
-from ..pieces import Pieces, advance, drain
+from ..graphs import CapturedSteps, relative_difference
+from ..pieces import Pieces, advance
 from ..static_step import CAPTURED_AT_START, StaticStep, row_bucket
 from .eager import EagerRuntime, Start, done
 
@@ -102,7 +102,7 @@ class GpuRuntime(EagerRuntime):
             embeds = rng.standard_normal((rows, t, hidden)).astype(np.float32)
             want = model.forward_hidden(embeds, reference, slots, np.full(rows, start)).astype("float32").numpy()
             got = self.static_step.forward_hidden(embeds, static, slots, np.full(rows, start)).astype("float32").numpy()
-            worst = max(worst, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)))
+            worst = max(worst, relative_difference(got, want))
         tolerance = SELF_CHECK_TOLERANCE[model.dtype_name]
         if not worst <= tolerance:
             return f"largest relative difference {worst:.2e}, tolerance {tolerance:g}"
@@ -176,7 +176,7 @@ class GpuRuntime(EagerRuntime):
             for entry in list(waiting):
                 if entry[0].rid == rid:
                     waiting.remove(entry)
-                    entry[0].give_back()
+                    self.abandon(entry[0])
                     entry[1].cancel()
                     return
         super().remove(rid)
@@ -211,18 +211,17 @@ class GpuRuntime(EagerRuntime):
                 images = images[len(codes):]
 
     def fail_decode(self, requests: list[tuple[np.ndarray, Future]], error: BaseException) -> None:
-        """A decode of several requests failed: each decoded alone, in one piece, so that a failure is its own."""
+        """A decode of several requests failed: each decoded alone, in one call (the eager runtime's), so that a
+        failure is its own."""
         if len(requests) == 1:
             requests[0][1].set_exception(error)
             return
         for codes, future in requests:
-            started = time.perf_counter()
-            try:
-                images = to_uint8_images(drain(self.model.decode_image_pieces(codes)).numpy())
-            except Exception as alone:  # noqa: BLE001
-                future.set_exception(alone)
+            alone = EagerRuntime.decode_images(self, codes)  # done: its (images, seconds), or its own error
+            if alone.exception() is not None:
+                future.set_exception(alone.exception())
             else:
-                future.set_result((images, time.perf_counter() - started))
+                future.set_result(alone.result())
 
     def describe(self) -> dict[str, Any]:
         described = {**super().describe(), "step": self.step_kind, "fused_kernels": self.static_step.fused,
