@@ -143,8 +143,8 @@ class CapturedSteps:
             return
         hidden = self.static.config.hidden_size
         for bucket in rows:
-            index = self.static.index_buffer(bucket)
-            index.set_value(np.stack([np.full(bucket, cache.scratch), np.zeros(bucket)]).astype(np.int64))
+            none = np.zeros(0, np.int64)
+            index = self.static.load_index(cache, bucket, none, none)  # every row padding
             x = paddle.zeros([bucket, 1, hidden], dtype=self.static.dtype)
             for length in lengths:
                 if (bucket, length) not in self.graphs and (bucket, length) not in self.refused:

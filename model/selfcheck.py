@@ -274,8 +274,10 @@ def median_ms(run, rounds: int) -> float:
 
 
 def step_timing(device: str, dtype: str, *, layers: int | None, rows: list[int], cached: int,
-                rounds: int) -> dict[str, Any]:
-    """The decode step of Janus-1.3B's language model, eager and the runtime's own, at each of `rows`."""
+                rounds: int, kernels: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The decode step of Janus-1.3B's language model, eager and the runtime's own, at each of `rows`; the static
+    step with the `kernels` the GPU runtime chose (describe()'s fused_kernels, in_place_attention), else its
+    defaults for the device."""
     import paddle
 
     from .tensors import from_numpy
@@ -298,7 +300,8 @@ def step_timing(device: str, dtype: str, *, layers: int | None, rows: list[int],
     ops = count_ops(lambda: eager(min(rows)))
     from .static_step import StaticStep  # the GPU runtime's step (on CPU unfused)
 
-    static = StaticStep(model, dtype)
+    kernels = kernels or {}
+    static = StaticStep(model, dtype, fused=kernels.get("fused_kernels"), in_place=kernels.get("in_place_attention"))
     static_cache = static.new_cache(max(rows), cached + 1)
     for b in rows:
         ms = median_ms(lambda: static.forward_hidden(embeds[b], static_cache, np.arange(b), np.full(b, cached)), rounds)
@@ -330,7 +333,8 @@ def step_timing(device: str, dtype: str, *, layers: int | None, rows: list[int],
             "bandwidth_gbs": round(bandwidth / 1e9, 1), "floor_ms": round(floor_ms, 2), "steps": lines,
             "captured": captured, "ops_per_step": sum(ops.values()),
             "ops_per_layer": round(sum(ops.values()) / model.config.num_hidden_layers, 1), "ops": ops,
-            "static_ops_per_step": sum(static_ops.values()), "static_fused_kernels": static.fused}
+            "static_ops_per_step": sum(static_ops.values()), "static_fused_kernels": static.fused,
+            "static_in_place_attention": static.in_place}
 
 
 # ---- the command
@@ -353,7 +357,8 @@ def run(args) -> int:
               f"{c.tolerance:g}), agreement {c.agreement:.3f}")
     if not args.no_timing:
         rows = [int(r) for r in args.rows.split(",")]
-        timing = step_timing(device, dtype, layers=args.layers, rows=rows, cached=args.cached, rounds=args.rounds)
+        timing = step_timing(device, dtype, layers=args.layers, rows=rows, cached=args.cached, rounds=args.rounds,
+                             kernels=ran)
         report["timing"] = timing
         print(f"  decode step, Janus-1.3B's language model ({timing['layers']} layers, "
               f"{timing['weight_bytes'] / 1e9:.2f} GB of weights), {args.cached} cached positions; floor "
@@ -364,7 +369,8 @@ def run(args) -> int:
         print(f"    captured: {timing['captured']}")
         print(f"    Paddle operations per step at {min(rows)} rows: eager {timing['ops_per_step']} "
               f"({timing['ops_per_layer']} per layer), static {timing['static_ops_per_step']}"
-              f"{' (fused kernels)' if timing['static_fused_kernels'] else ' (unfused)'}")
+              f"{' (fused kernels' if timing['static_fused_kernels'] else ' (unfused'}"
+              f"{', in-place attention)' if timing['static_in_place_attention'] else ')'}")
     Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
     print(f"  report: {args.report}; {'passed' if report['passed'] else 'FAILED'}")
     return 0 if report["passed"] else 1

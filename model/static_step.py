@@ -6,12 +6,12 @@ the host and sends each over (6-7 copies a step), and reads the cache in blocks.
 - The cache is one buffer per layer for keys and one for values, [slots + 1, max_len, kv_heads,
   head_dim]: a row's positions are contiguous, and a position's heads; the last slot is a scratch row
   that padding rows write.
-- A decode step (one new token per row) runs at a bucket of rows (1, 2, 4, ...: padded up) and of
-  cached length (a multiple of LENGTH_BUCKET): its shapes depend on the bucket alone, so that a
-  CUDA graph captured for a bucket can replay it. Its inputs (each row's cache slot and position)
-  reach the device in one copy into a buffer kept per bucket; the rotary factors are gathered from
-  tables on the device and the mask is built there. Inside the step nothing is read back and no
-  tensor is made from host data.
+- A decode step (one new token per row) runs at a bucket of rows (1, 2, 4, ...: padded up) and, with
+  gathered attention, of cached length (a multiple of LENGTH_BUCKET): its shapes depend on the bucket
+  alone, so that a CUDA graph captured for a bucket can replay it. Its inputs (each row's cache slot
+  and position, its place in the step, its run of the cache: `pack`) reach the device in one copy
+  into a buffer kept per bucket; the rotary factors are gathered from tables on the device and the
+  mask is built there. Inside the step nothing is read back and no tensor is made from host data.
 - Per layer: RMSNorm, one QKV product, rotary, two cache writes, a gather of the rows' cached keys and
   values, scaled_dot_product_attention, the output product, RMSNorm, the gate/up product, swiglu, the
   down product. On a GPU, attention is one flash-attention (or memory-efficient) kernel that takes this
@@ -23,6 +23,14 @@ the host and sends each over (6-7 copies a step), and reads the cache in blocks.
   operations), the rotary embedding its fused_rotary_position_embedding (one kernel for q and k
   instead of six operations). The runtime checks the result against the reference
   on the device before it serves, and runs unfused otherwise (model/runtime/gpu.py).
+- `in_place` (a GPU's, in bfloat16 or float16; checked at start like `fused`): a decode step's attention
+  reads the cache where it lies, with no gathered copy. Paddle's varlen flash attention
+  (flash_attn_unpadded) takes the flat cache as the packed keys and values, with each row's cached run
+  [slot * max_len, slot * max_len + position] a sequence of one query, and the gap before it a sequence
+  of none. Sequences must follow each other through the keys, so that the step runs its rows in slot
+  order: it reorders them on the way in and back on the way out. Padding rows attend to no keys (an
+  empty run at the scratch slot, where their writes go). A step then reads every cached key once, and
+  one graph per row bucket serves every cached length.
 - A prefill (a prompt, or a chunk of one from a later position) runs through the same layers at its
   own shape, causal, and writes its keys and values into the rows' cache slots. It is not captured.
 """
@@ -36,6 +44,8 @@ from .llama import cache_addresses, rotary_cos_sin
 from .tensors import from_numpy
 
 LENGTH_BUCKET = 128
+IN_PLACE_DTYPES = ("bfloat16", "float16")  # what Paddle's flash_attn_unpadded takes
+INDEX_FIELDS = 4  # a step's index: slots, positions, order and inverse, each one per row; then the key runs
 CAPTURED_AT_START = 64  # row buckets up to this are captured at start; larger ones on first use
 
 
@@ -79,19 +89,23 @@ class StaticStep:
     `forward_hidden(embeds, cache, slots, start)` has the reference's contract (model.forward_hidden): a
     decode step when embeds is [B, 1, hidden], a prefill when every row starts at position 0."""
 
-    def __init__(self, lm, dtype: str, *, fused: bool | None = None):
+    def __init__(self, lm, dtype: str, *, fused: bool | None = None, in_place: bool | None = None):
         """`lm`: the model's LlamaModel (model.language_model.model), whose weights the step uses as they are;
         `dtype`: theirs; `fused`: Paddle's fused RMSNorm and rotary kernels (default: off CPU, where they are
-        missing or not safe to call)."""
+        missing or not safe to call); `in_place`: decode attention by varlen flash attention over the cache as it
+        lies (default: off CPU in bfloat16 and float16, the only dtypes the kernel takes)."""
         self.config = lm.config
         self.layers, self.final_norm = lm.layers, lm.norm
         self.dtype = dtype
-        self.fused = (not paddle.get_device().startswith("cpu")) if fused is None else fused
+        on_gpu = not paddle.get_device().startswith("cpu")
+        self.fused = on_gpu if fused is None else fused
+        self.in_place = (on_gpu and dtype in IN_PLACE_DTYPES) if in_place is None else in_place
         self.heads, self.kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         self.head_dim = self.config.head_dim
         self.inv_freq = lm.inv_freq
         self.tables: dict[int, tuple] = {}  # max_len -> rotary factors and key positions (_tables)
-        self.buffers: dict[int, paddle.Tensor] = {}  # row bucket -> [2, bucket] int64: slots, positions
+        self.buffers: dict[int, paddle.Tensor] = {}  # row bucket -> its index (pack), int64 on the device
+        self.query_runs: dict[int, paddle.Tensor] = {}  # row bucket -> cu_seqlens_q of in-place attention
         self.runner = self.step  # what runs a decode step's static part (model/graphs.py replays it from graphs)
 
     # ---- the cache
@@ -134,37 +148,71 @@ class StaticStep:
         """One new token per row: [B, 1, hidden] -> [B, 1, hidden], run at the row and length buckets."""
         batch = embeds.shape[0]
         bucket = row_bucket(batch)
-        length = min(-(-(int(positions.max()) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET, cache.max_len)
-        index = np.empty((2, bucket), np.int64)
-        index[0, :batch], index[0, batch:] = slots, cache.scratch
-        index[1, :batch], index[1, batch:] = positions, 0
-        buffer = self.index_buffer(bucket)
-        buffer.set_value(index)  # the step's one host-to-device copy, in place
+        length = self.length_buckets(cache.max_len)[0] if self.in_place else \
+            min(-(-(int(positions.max()) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET, cache.max_len)
+        buffer = self.load_index(cache, bucket, slots, positions)
         x = embeds if batch == bucket else paddle.concat(
             [embeds, paddle.zeros([bucket - batch, 1, embeds.shape[2]], dtype=embeds.dtype)])
         return self.runner(x, cache, buffer, length)[:batch]
 
+    def pack(self, cache: StaticCache, bucket: int, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """A step's index, [INDEX_FIELDS * bucket + 2 * bucket + 1] int64, for rows at `slots` and `positions` (in
+        the batch's order) padded up to `bucket` rows: the step's rows' slots and positions; order (the step's row k
+        is the batch's row order[k]) and inverse (the batch's row i is the step's row inverse[i]); then the key runs
+        of in-place attention (cu_seqlens_k): 0, then each step row's [first, last + 1) in the flat cache.
+        Padding rows come last: the scratch slot at position 0, an empty run. In place, the step's rows are in slot
+        order, so that the runs follow each other; else in the batch's."""
+        batch = len(slots)
+        order = np.argsort(slots, kind="stable") if self.in_place else np.arange(batch)
+        order = np.concatenate([order, np.arange(batch, bucket)]).astype(np.int64)
+        inverse = np.empty(bucket, np.int64)
+        inverse[order] = np.arange(bucket)
+        step_slots = np.concatenate([np.asarray(slots, np.int64), np.full(bucket - batch, cache.scratch)])[order]
+        step_positions = np.concatenate([np.asarray(positions, np.int64), np.zeros(bucket - batch, np.int64)])[order]
+        first = step_slots * cache.max_len
+        runs = np.stack([first, first + (step_positions + 1) * (np.arange(bucket) < batch)], axis=1)
+        return np.concatenate([step_slots, step_positions, order, inverse, [0], runs.reshape(-1)]).astype(np.int64)
+
+    def load_index(self, cache: StaticCache, bucket: int, slots, positions) -> paddle.Tensor:
+        """The bucket's index buffer, refilled in place with pack(): the step's one host-to-device copy."""
+        buffer = self.index_buffer(bucket)
+        buffer.set_value(self.pack(cache, bucket, slots, positions))
+        return buffer
+
     def index_buffer(self, bucket: int) -> paddle.Tensor:
-        """The [2, bucket] int64 buffer (slots, positions) a step of `bucket` rows reads: made once, refilled."""
+        """The index (pack) a step of `bucket` rows reads: made once, refilled; with the query runs of in-place
+        attention, which never change (cu_seqlens_q: each row's gap has no query, its run one)."""
         if bucket not in self.buffers:
-            self.buffers[bucket] = paddle.zeros([2, bucket], dtype="int64")
+            self.buffers[bucket] = paddle.zeros([INDEX_FIELDS * bucket + 2 * bucket + 1], dtype="int64")
+            ends = (np.arange(2 * bucket) + 1) // 2  # after row k's gap, k queries; after its run, k + 1
+            self.query_runs[bucket] = from_numpy(np.concatenate([[0], ends]).astype(np.int32))
         return self.buffers[bucket]
 
     def length_buckets(self, max_len: int) -> list[int]:
-        """Every cached length a decode step runs at with a cache of `max_len` positions."""
+        """Every cached length a decode step runs at with a cache of `max_len` positions (in place: one, since
+        attention reads each row's own run whatever its length)."""
+        if self.in_place:
+            return [max_len]
         return sorted({min(length, max_len) for length in range(LENGTH_BUCKET, max_len + LENGTH_BUCKET, LENGTH_BUCKET)})
 
     def step(self, x: paddle.Tensor, cache: StaticCache, index: paddle.Tensor, length: int) -> paddle.Tensor:
-        """The captured part: x [bucket, 1, hidden] at index [2, bucket] (slots, positions), keys up to `length`."""
-        key_positions, mask_values = self._tables(cache.max_len)[2:]
-        slots, positions = index[0], index[1]
+        """The captured part: x [bucket, 1, hidden] (the batch's rows, padded) at `index` (pack), keys up to
+        `length`."""
+        bucket = x.shape[0]
+        slots, positions = index[:bucket], index[bucket:2 * bucket]
         rotate = self.rotation(cache.max_len, positions.unsqueeze(1))
-        visible = key_positions[:length].unsqueeze(0) <= positions.unsqueeze(1)  # [bucket, length]
-        mask = paddle.where(visible, mask_values[0], mask_values[1]).reshape([x.shape[0], 1, 1, length])
         first = (slots * cache.max_len).unsqueeze(1)  # each row's first position in the flat cache
         write = first + positions.unsqueeze(1)  # [bucket, 1]: where k [bucket, 1, kv_heads, head_dim] goes
+        if self.in_place:  # rows in slot order in, the batch's order out
+            runs = index[INDEX_FIELDS * bucket:].astype("int32")
+            attention = self.cache_attention(write, runs=(self.query_runs[bucket], runs, cache.max_len))
+            out = self.run_layers(paddle.index_select(x, index[2 * bucket:3 * bucket]), rotate, cache, attention)
+            return paddle.index_select(out, index[3 * bucket:4 * bucket])
+        key_positions, mask_values = self._tables(cache.max_len)[2:]
+        visible = key_positions[:length].unsqueeze(0) <= positions.unsqueeze(1)  # [bucket, length]
+        mask = paddle.where(visible, mask_values[0], mask_values[1]).reshape([bucket, 1, 1, length])
         read = (first + key_positions[:length].unsqueeze(0)).reshape([-1])  # [bucket * length]
-        shape = [x.shape[0], length, self.kv_heads, self.head_dim]
+        shape = [bucket, length, self.kv_heads, self.head_dim]
         return self.run_layers(x, rotate, cache, self.cache_attention(write, read, shape, mask))
 
     def prefill(self, embeds: paddle.Tensor, cache: StaticCache, slots: np.ndarray, positions: np.ndarray) -> paddle.Tensor:
@@ -183,13 +231,22 @@ class StaticStep:
         mask = from_numpy(np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None]).astype(self.dtype)
         return self.run_layers(embeds, rotate, cache, self.cache_attention(write, read, shape, mask))
 
-    def cache_attention(self, write, read=None, shape=None, mask=None):
+    def cache_attention(self, write, read=None, shape=None, mask=None, runs=None):
         """attention(q, k, v, k_cache, v_cache) for the layers: k and v written to the cache rows `write`, then q
-        attends to the rows `read` (gathered as `shape`) under `mask`; without `read`, causally to k and v alone."""
+        attends to the rows `read` (gathered as `shape`) under `mask`; without `read`, causally to k and v alone;
+        with `runs` (cu_seqlens_q, cu_seqlens_k, max_len), one query a row to its run of the cache where it lies."""
+        if runs is not None:
+            import paddle.nn.functional.flash_attention as flash
+
+            query_runs, key_runs, max_len = runs
+            scale = self.head_dim ** -0.5
 
         def attention(q, k, v, k_cache, v_cache):
             paddle.index_put_(k_cache, (write,), k)
             paddle.index_put_(v_cache, (write,), v)
+            if runs is not None:
+                return flash.flash_attn_unpadded(q.reshape([-1, self.heads, self.head_dim]), k_cache, v_cache,
+                                                 query_runs, key_runs, 1, max_len, scale, training=False)[0]
             if read is None:
                 return self.attend(q, k, v, causal=True)
             keys = paddle.index_select(k_cache, read).reshape(shape)

@@ -9,6 +9,7 @@ import pytest
 from model.graphs import CapturedSteps, graphs_available
 from model.runtime.gpu import GpuRuntime
 from model.static_step import StaticStep
+from test_static_step import gpu_kernels
 
 
 class FakeGraph:
@@ -60,8 +61,13 @@ def fake(monkeypatch):
     return FakeGraph
 
 
-def runtime_with(model, fake, slots=4, row_length=256):
-    runtime = GpuRuntime(model, eos_id=1, pad_id=0, previews=False)
+def runtime_with(model, fake, slots=4, row_length=256, monkeypatch=None, in_place=False):
+    """A GPU runtime whose step replays from `fake` graphs; `in_place`: fused kernels and in-place attention (their
+    stand-ins)."""
+    if in_place:
+        gpu_kernels(monkeypatch)
+    runtime = GpuRuntime(model, eos_id=1, pad_id=0, previews=False, fused=in_place, in_place=in_place)
+    assert runtime.static_step.in_place == in_place
     step = runtime.static_step
     runtime.batch = None
     from model.generation import DecodeBatch
@@ -77,8 +83,9 @@ def inputs(model, rows, seed):
     return np.random.default_rng(seed).standard_normal((rows, 1, model.config.language.hidden_size)).astype(np.float32)
 
 
-def test_replayed_steps_match_the_reference_as_inputs_change(model, fake):
-    runtime, step = runtime_with(model, fake)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_replayed_steps_match_the_reference_as_inputs_change(model, fake, monkeypatch, in_place):
+    runtime, step = runtime_with(model, fake, monkeypatch=monkeypatch, in_place=in_place)
     cache, reference = runtime.batch.cache, model.new_cache(4, 256)
     prompt = np.random.default_rng(0).standard_normal((2, 20, model.config.language.hidden_size)).astype(np.float32)
     step.forward_hidden(prompt, cache, [3, 1], [0, 0])
@@ -88,7 +95,7 @@ def test_replayed_steps_match_the_reference_as_inputs_change(model, fake):
         got = step.forward_hidden(x, cache, [3, 1], [20 + i, 20 + i]).numpy()
         np.testing.assert_allclose(got, model.forward_hidden(x, reference, [3, 1], [20 + i, 20 + i]).numpy(),
                                    rtol=0, atol=1e-4)
-    assert list(runtime.captured.graphs) == [(2, 128)] and not runtime.captured.refused
+    assert list(runtime.captured.graphs) == [(2, 256 if in_place else 128)] and not runtime.captured.refused
     [graph] = fake.made
     assert graph.ended and graph.pool == 7 and graph.replays == 1 + 4  # its check, then each step
 
@@ -115,13 +122,15 @@ def test_an_error_during_capture_ends_the_capture_and_falls_back(model, fake):
     assert graph.ended and "not permitted" in runtime.captured.refused[(2, 128)]
 
 
-def test_capture_all_touches_only_the_scratch_slot(model, fake):
-    runtime, step = runtime_with(model, fake, slots=3, row_length=300)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_capture_all_touches_only_the_scratch_slot(model, fake, monkeypatch, in_place):
+    runtime, step = runtime_with(model, fake, slots=3, row_length=300, monkeypatch=monkeypatch, in_place=in_place)
     cache = runtime.batch.cache
     for k in cache.k:
         k.set_value(np.full(k.shape, 5.0, np.float32))
     runtime.captured.capture_all(cache, [1, 2, 4], step.length_buckets(300))
-    assert sorted(runtime.captured.graphs) == [(r, n) for r in (1, 2, 4) for n in (128, 256, 300)]
+    lengths = (300,) if in_place else (128, 256, 300)  # in place: one graph per row bucket serves every length
+    assert sorted(runtime.captured.graphs) == [(r, n) for r in (1, 2, 4) for n in lengths]
     view = cache.view(cache.k[0])
     assert (view[:3] == 5.0).all() and (view[3, 0] != 5.0).any()
 

@@ -28,7 +28,7 @@ import numpy as np
 from ..generation import DecodeBatch, to_uint8_images
 from ..graphs import CapturedSteps, relative_difference
 from ..pieces import Pieces, advance
-from ..static_step import CAPTURED_AT_START, StaticStep, row_bucket
+from ..static_step import CAPTURED_AT_START, IN_PLACE_DTYPES, StaticStep, row_bucket
 from .eager import EagerRuntime, Start, done
 
 log = logging.getLogger("janus.runtime")
@@ -52,13 +52,30 @@ class Decode:
     started: float
 
 
+def kernel_choices(device: str, dtype: str, fused: bool | None, in_place: bool | None) -> list[dict[str, bool]]:
+    """The static step's kernels to try, best first: each GPU-only one (fused norm and rotary; in-place attention,
+    which takes bfloat16 and float16 alone) with it, then without, unless given; on CPU neither."""
+    on_cpu = device.startswith("cpu")
+    fused_options = [fused] if fused is not None else ([False] if on_cpu else [True, False])
+    in_place_options = [in_place] if in_place is not None else (
+        [False] if on_cpu or dtype not in IN_PLACE_DTYPES else [True, False])
+    return [{"fused": f, "in_place": p} for f in fused_options for p in in_place_options]
+
+
+def kernels_named(choice: dict[str, bool]) -> str:
+    return (f"{'fused' if choice['fused'] else 'unfused'} kernels, "
+            f"{'in-place' if choice['in_place'] else 'gathered'} attention")
+
+
 class GpuRuntime(EagerRuntime):
     name = "gpu"
 
     def __init__(self, model, *, eos_id: int, pad_id: int, previews: bool = True, fused: bool | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, vision_blocks: int = VISION_BLOCKS, vq_batch: int = VQ_BATCH):
-        """`fused`: Paddle's fused RMSNorm and rotary kernels in the static step (model/static_step.py); by default
-        tried first off CPU, then without.
+                 in_place: bool | None = None, prefill_chunk: int = PREFILL_CHUNK, vision_blocks: int = VISION_BLOCKS,
+                 vq_batch: int = VQ_BATCH):
+        """`fused`: Paddle's fused RMSNorm and rotary kernels in the static step (model/static_step.py); `in_place`:
+        its decode attention over the cache as it lies (varlen flash attention; bfloat16 and float16). By default
+        each is tried first off CPU, then without.
         `prefill_chunk`, `vision_blocks`, `vq_batch`: the pieces' sizes."""
         super().__init__(model, eos_id=eos_id, pad_id=pad_id, previews=previews)
         self.prefill_chunk, self.vision_blocks, self.vq_batch = prefill_chunk, vision_blocks, vq_batch
@@ -69,10 +86,9 @@ class GpuRuntime(EagerRuntime):
         self.turns = 0
         self.captured: CapturedSteps | None = None
         self.step_kind, self.self_check_error = "eager", None
-        on_cpu = self.device.startswith("cpu")
         errors = []
-        for choice in [fused] if fused is not None else ([False] if on_cpu else [True, False]):
-            self.static_step = StaticStep(model.language_model.model, model.dtype_name, fused=choice)
+        for choice in kernel_choices(self.device, model.dtype_name, fused, in_place):
+            self.static_step = StaticStep(model.language_model.model, model.dtype_name, **choice)
             try:
                 error = self.self_check()
             except Exception as failure:  # noqa: BLE001 - any failure means the next choice, then the reference
@@ -80,11 +96,11 @@ class GpuRuntime(EagerRuntime):
             if error is None:
                 self.step_kind = "static"
                 break
-            errors.append(f"{'fused' if choice else 'unfused'} kernels: {error}")
-            log.warning("the static decode step (%s) did not match the reference on %s: %s",
-                        "fused kernels" if choice else "unfused", self.device, error)
+            errors.append(f"{kernels_named(choice)}: {error}")
+            log.warning("the static decode step (%s) did not match the reference on %s: %s", kernels_named(choice),
+                        self.device, error)
+        self.self_check_error = "; ".join(errors) or None  # why the step runs without a better choice's kernels
         if self.step_kind != "static":
-            self.self_check_error = "; ".join(errors)
             log.warning("serving the eager decode step on %s", self.device)
 
     def self_check(self, rows: int = 3, prompt: int = 5, chunk: int = 3, steps: int = 3) -> str | None:
@@ -224,7 +240,9 @@ class GpuRuntime(EagerRuntime):
                 future.set_result(alone.result())
 
     def describe(self) -> dict[str, Any]:
-        described = {**super().describe(), "step": self.step_kind, "fused_kernels": self.static_step.fused,
+        static = self.step_kind == "static"
+        described = {**super().describe(), "step": self.step_kind, "fused_kernels": static and self.static_step.fused,
+                     "in_place_attention": static and self.static_step.in_place,
                      "prefill": "pieces", "prefill_chunk": self.prefill_chunk, "vision_blocks": self.vision_blocks,
                      "vq_batch": self.vq_batch}
         if self.captured is not None:
