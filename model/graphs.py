@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import paddle
 
+from .tensors import from_numpy
+
 log = logging.getLogger("janus.runtime")
 
 WARMUPS = 2
@@ -142,10 +144,12 @@ class CapturedSteps:
         if not self.available:
             return
         hidden = self.static.config.hidden_size
+        rng = np.random.default_rng(0)
         for bucket in rows:
             none = np.zeros(0, np.int64)
             index = self.static.load_index(cache, bucket, none, none)  # every row padding
-            x = paddle.zeros([bucket, 1, hidden], dtype=self.static.dtype)
+            # random rows (zeros would make every layer's output zero, and the check against the eager step empty)
+            x = from_numpy(rng.standard_normal((bucket, 1, hidden)).astype(np.float32)).astype(self.static.dtype)
             for length in lengths:
                 if (bucket, length) not in self.graphs and (bucket, length) not in self.refused:
                     self.capture(x, cache, index, length)

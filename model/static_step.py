@@ -28,9 +28,9 @@ the host and sends each over (6-7 copies a step), and reads the cache in blocks.
   (flash_attn_unpadded) takes the flat cache as the packed keys and values, with each row's cached run
   [slot * max_len, slot * max_len + position] a sequence of one query, and the gap before it a sequence
   of none. Sequences must follow each other through the keys, so that the step runs its rows in slot
-  order: it reorders them on the way in and back on the way out. Padding rows attend to no keys (an
-  empty run at the scratch slot, where their writes go). A step then reads every cached key once, and
-  one graph per row bucket serves every cached length.
+  order: it reorders them on the way in and back on the way out. Padding rows each attend to the one
+  key they write in the scratch slot. A step then reads every cached key once, and one graph per row
+  bucket serves every cached length.
 - A prefill (a prompt, or a chunk of one from a later position) runs through the same layers at its
   own shape, causal, and writes its keys and values into the rows' cache slots. It is not captured.
 """
@@ -160,18 +160,25 @@ class StaticStep:
         the batch's order) padded up to `bucket` rows: the step's rows' slots and positions; order (the step's row k
         is the batch's row order[k]) and inverse (the batch's row i is the step's row inverse[i]); then the key runs
         of in-place attention (cu_seqlens_k): 0, then each step row's [first, last + 1) in the flat cache.
-        Padding rows come last: the scratch slot at position 0, an empty run. In place, the step's rows are in slot
-        order, so that the runs follow each other; else in the batch's."""
-        batch = len(slots)
+        Padding rows come last, in the scratch slot: the j-th at position j, its run that one key (so that a
+        padding row computes what a row does: the graphs' check at start runs on padding rows alone); past the
+        scratch slot's length, empty runs. In place, the step's rows are in slot order, so that the runs follow
+        each other; else in the batch's."""
+        batch, max_len = len(slots), cache.max_len
         order = np.argsort(slots, kind="stable") if self.in_place else np.arange(batch)
         order = np.concatenate([order, np.arange(batch, bucket)]).astype(np.int64)
         inverse = np.empty(bucket, np.int64)
         inverse[order] = np.arange(bucket)
-        step_slots = np.concatenate([np.asarray(slots, np.int64), np.full(bucket - batch, cache.scratch)])[order]
-        step_positions = np.concatenate([np.asarray(positions, np.int64), np.zeros(bucket - batch, np.int64)])[order]
-        first = step_slots * cache.max_len
-        runs = np.stack([first, first + (step_positions + 1) * (np.arange(bucket) < batch)], axis=1)
-        return np.concatenate([step_slots, step_positions, order, inverse, [0], runs.reshape(-1)]).astype(np.int64)
+        padding = np.arange(bucket - batch)
+        step_slots = np.concatenate([np.asarray(slots, np.int64)[order[:batch]], np.full(bucket - batch, cache.scratch)])
+        step_positions = np.concatenate([np.asarray(positions, np.int64)[order[:batch]],
+                                         np.minimum(padding, max_len - 1)])
+        first = step_slots * max_len
+        starts = first + np.concatenate([np.zeros(batch, np.int64), np.minimum(padding, max_len)])
+        ends = first + np.concatenate([np.asarray(positions, np.int64)[order[:batch]] + 1,
+                                       np.minimum(padding + 1, max_len)])
+        runs = np.stack([starts, ends], axis=1).reshape(-1)
+        return np.concatenate([step_slots, step_positions, order, inverse, [0], runs]).astype(np.int64)
 
     def load_index(self, cache: StaticCache, bucket: int, slots, positions) -> paddle.Tensor:
         """The bucket's index buffer, refilled in place with pack(): the step's one host-to-device copy."""

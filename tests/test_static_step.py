@@ -173,7 +173,11 @@ def test_in_place_attention_reads_each_row_its_own_run_of_the_cache(model):
     step_slots, step_positions, order, inverse, runs = np.split(index, [4, 8, 12, 16])
     assert step_slots.tolist() == [0, 2, 4, 6] and step_positions.tolist() == [50, 3, 10, 0]
     assert order.tolist() == [1, 2, 0, 3] and inverse[:3].tolist() == [2, 0, 1]  # the batch's rows, and back
-    assert runs.tolist() == [0, 0, 51, 200, 204, 400, 411, 600, 600]  # gap, run, gap, run, ...: never backwards
+    assert runs.tolist() == [0, 0, 51, 200, 204, 400, 411, 600, 601]  # gap, run, gap, run, ...: never backwards
+    short = step.new_cache(2, 2)  # more padding rows than the scratch slot has positions: empty runs past it
+    step_slots, step_positions, _, _, runs = np.split(step.pack(short, 8, np.array([1]), np.array([1])), [8, 16, 24, 32])
+    assert step_slots.tolist() == [1] + [2] * 7 and step_positions.tolist() == [1, 0, 1, 1, 1, 1, 1, 1]
+    assert runs.tolist() == [0, 2, 4, 4, 5, 5, 6] + [6] * 10 and (np.diff(runs) >= 0).all()
     step.index_buffer(4)
     assert step.query_runs[4].numpy().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]  # a gap has no query, a run one
     assert step.length_buckets(100) == [100]  # one graph per row bucket: a row reads its run whatever its length
