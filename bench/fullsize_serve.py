@@ -14,6 +14,8 @@ versions compared in one run) with no tuning flags and reports:
     one image (/generate, n=1): seconds
     with --images-together 4: that many image requests at once (n=1 each), images/s over all of them
     and the ratio to one alone
+    with --beside: the understanding request sent while a text answer streams: the stream's longest
+    wait between tokens while the new prompt is prefilled, and the new request's first-token time
 
 It checks free memory and disk first, and stops with a message if either is short. One full-size
 process at a time: nothing else big may run beside it.
@@ -224,6 +226,40 @@ def understand_together(url: str, tokens: int, concurrency: int) -> dict:
             "ms_per_token_median": sorted(r["ms_per_token"] for r in results)[concurrency // 2]}
 
 
+def understand_beside(url: str, tokens: int, running_tokens: int = 64) -> dict:
+    """A text question streams (the running request); after its 4th token the image question (the long prompt)
+    arrives. The running request's longest wait between two tokens while the new one was prefilled, and how
+    many tokens it made meanwhile; the new one's first-token time."""
+    import httpx
+
+    arrived: list[float] = []
+
+    def running() -> None:
+        body = {"question": "Tell me a long story about a lighthouse.", "max_new_tokens": running_tokens,
+                "stream": True}
+        with httpx.Client(base_url=url, timeout=3600) as client:
+            with client.stream("POST", "/understand", json=body) as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if line.startswith("data:") and line.strip() != "data: [DONE]" and "text" in json.loads(line[5:]):
+                        arrived.append(time.perf_counter())
+
+    thread = threading.Thread(target=running)
+    thread.start()
+    while len(arrived) < 4 and thread.is_alive():
+        time.sleep(0.01)
+    sent = time.perf_counter()
+    with httpx.Client(base_url=url, timeout=3600) as client:
+        new = understand(client, tokens)
+    first = sent + new["first_token_s"]
+    thread.join()
+    during = [t for t in arrived if sent <= t <= first]
+    marks = [sent, *during, first]
+    return {"new_first_token_s": new["first_token_s"], "new_prompt_tokens": new["prompt_tokens"],
+            "running_longest_wait_s": max(b - a for a, b in zip(marks, marks[1:])),
+            "running_tokens_meanwhile": len(during), "running_tokens": len(arrived)}
+
+
 def generate(client, seed: int = 7) -> dict:
     started = time.perf_counter()
     response = client.post("/generate", json={"prompt": "a lighthouse on a cliff at dusk", "n": 1, "seed": seed})
@@ -258,6 +294,8 @@ def main() -> None:
     parser.add_argument("--no-understand", action="store_true", help="skip the understanding requests")
     parser.add_argument("--understand-concurrency", default="", help="also these numbers of understanding requests "
                         "at once, e.g. 1,8: tokens/s over all of them")
+    parser.add_argument("--beside", action="store_true", help="also the understanding request sent while a text "
+                        "answer streams: the stream's longest wait, the new request's first token")
     parser.add_argument("--images-together", type=int, default=0, help="also this many image requests at once "
                         "(e.g. 4): images/s against one alone")
     parser.add_argument("--repo", type=Path, default=REPO, help="serve this checkout's code (to compare two versions "
@@ -316,6 +354,8 @@ def main() -> None:
             levels = [int(c) for c in args.understand_concurrency.split(",") if c]
             result["understand_together"] = [understand_together(f"http://127.0.0.1:{port}", args.tokens, c)
                                              for c in levels]
+            if args.beside:
+                result["beside"] = understand_beside(f"http://127.0.0.1:{port}", args.tokens)
             if not args.no_image:
                 result.update(generate(client))
             if args.images_together:
@@ -364,6 +404,11 @@ def report(r: dict) -> None:
         print(f"understanding, {level['concurrency']} at once ({level['tokens']} tokens): {level['tokens_per_s']:.2f} "
               f"tokens/s; median first token {level['first_token_s_median']:.1f} s, then "
               f"{level['ms_per_token_median']:.0f} ms per token")
+    if "beside" in r:
+        b = r["beside"]
+        print(f"an understanding request ({b['new_prompt_tokens']}-token prompt) beside a streaming answer: its "
+              f"first token {b['new_first_token_s']:.1f} s; meanwhile the stream made {b['running_tokens_meanwhile']} "
+              f"tokens and waited {b['running_longest_wait_s']:.1f} s at most")
     if "image_s" in r:
         print(f"one image: {r['image_s']:.1f} s ({r['image_s'] / 576 * 1e3:.0f} ms per image token, VQ decode included)")
     if "images_together" in r:

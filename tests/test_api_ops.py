@@ -46,7 +46,7 @@ def test_health_and_ready_need_no_api_key(server):
     # How the worker runs: the CPU runtime, its OpenVINO decoder in the default precision, and how long it took.
     [worker] = body["workers"]
     assert (worker["worker"], worker["device"], worker["runtime"], worker["precision"]) == (0, "cpu", "cpu", "exact")
-    assert "decoder" in worker["programs"] and worker["prefill"] == "inline"
+    assert "decoder" in worker["programs"] and worker["prefill"] == "pieces"
     assert worker["decoder_programs"] in ("built", "imported")  # imported when an earlier server saved them
     startup = dict(worker["startup_s"])
     parts = startup.pop("programs_s")

@@ -128,7 +128,7 @@ def test_cpu_runtime_gives_the_reference_text_and_images_batched(model, golden, 
     if engine == "openvino":
         runtime = cpu(load_model(GOLDEN), cases, cpu_engine="auto")  # its own model: the decoder frees its layers
         assert runtime.describe()["programs"] == ["decoder", "image encoder", "VQ decoder"]
-        assert runtime.describe()["prefill"] == "inline" and runtime.describe()["precision"] == "exact"
+        assert runtime.describe()["prefill"] == "pieces" and runtime.describe()["precision"] == "exact"
     elif engine == "stored":
         stores = program_stores(str(GOLDEN), str(tmp_path), cpu_engine="auto", cpu_precision="exact",
                                 cpu_vision="auto", cpu_vq="auto")
@@ -270,6 +270,29 @@ def test_gpu_runtime_prefills_in_pieces_while_the_running_rows_step(model, golde
     for rid, case in (("u1", "conv1"), ("u2", "conv2")):
         assert outbox.of(rid, "token") == arrays[f"understanding.{case}.generated_ids"][0].tolist()
     assert runtime.free_rows == 8 and not scheduler.busy
+
+
+def test_a_prompt_alone_is_one_piece_and_one_beside_running_rows_is_cut(model, golden):
+    """With a prefill_chunk, a prompt no one waits for is prefilled whole (chunks cost time); one that arrives
+    while rows run, in chunks of that many tokens, one per turn. Both give the reference's first token."""
+    arrays, cases = golden
+    runtime = opened(EagerRuntime, model, cases, 4, previews=False, prefill_chunk=128)
+    assert runtime.describe()["prefill"] == "pieces"
+
+    def pieces_until_joined(rid, case):
+        future = runtime.start("understand", rid, understand_message(arrays, rid, case)[2])
+        pieces = 0
+        while not future.done():
+            assert runtime.run_piece()
+            pieces += 1
+            runtime.poll()
+        assert future.result()[0].token == arrays[f"understanding.{case}.generated_ids"][0][0]
+        return pieces
+
+    assert pieces_until_joined("alone", "conv1") == 1
+    prompt = len(arrays["understanding.conv2.input_ids"][0])
+    assert pieces_until_joined("beside", "conv2") == 1 + -(-prompt // 128)  # the image encoder, then the chunks
+    assert not runtime.run_piece() and runtime.free_rows == 2
 
 
 def test_gpu_runtime_decodes_waiting_images_together_in_pieces(model, golden):

@@ -1,10 +1,17 @@
 """Eager Paddle on any device: the reference runtime (the interface: model/runtime/__init__.py).
 
-Every request is prefilled when it starts and every image decoded when its codes are done, in the
-caller's thread: its futures are done when they are returned. This is what a GPU runs.
+Every image is decoded when its codes are done, in the caller's thread. Every request is prefilled
+when it starts (its future done when it is returned), unless the runtime is given a `prefill_chunk`:
+then prompts are prefilled in pieces between the steps (model/pieces.py), one piece per turn of the
+scheduler (run_piece), and join the batch at the next poll(). A prompt that arrives while rows run
+or other prompts wait is cut into chunks of `prefill_chunk` tokens (and its image encoder, where
+the model's own runs, into `vision_blocks` SigLIP blocks), so that the running rows wait for one
+piece at most; a prompt alone is one piece, since no one waits for it and chunks cost time (each
+reads the weights again). Model/runtime/gpu.py and model/runtime/cpu.py's OpenVINO decoder run so.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable
@@ -14,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..generation import DecodeBatch, SamplingParams, checked_seeds, decode_images
-from ..pieces import Pieces, drain
+from ..pieces import Pieces, advance, drain
 
 
 def done(result=None, error: BaseException | None = None) -> Future:
@@ -46,13 +53,20 @@ class Start:
 class EagerRuntime:
     name = "eager"
 
-    def __init__(self, model, *, eos_id: int, pad_id: int, previews: bool = True):
+    def __init__(self, model, *, eos_id: int, pad_id: int, previews: bool = True, prefill_chunk: int | None = None,
+                 vision_blocks: int | None = None):
         """`previews`: fit the preview palette (one VQ decode). The cache comes after (open_cache), so that it
-        can be sized from the memory the runtime's own programs leave."""
+        can be sized from the memory the runtime's own programs leave.
+        `prefill_chunk`: prompts in pieces between the steps, this many tokens a piece (over all the prompt's
+        rows) while others wait; None: each prefilled whole as it starts. `vision_blocks`: SigLIP blocks a piece
+        (None: the image encoder in one piece)."""
         import paddle
 
         self.model = model
         self.eos_id, self.pad_id = eos_id, pad_id
+        self.prefill_chunk, self.vision_blocks = prefill_chunk, vision_blocks
+        self.starts: collections.deque[tuple[Start, Future]] = collections.deque()  # prefills to run, in order
+        self.joining: list[tuple[Start, Future, Any]] = []  # prefilled: they join the batch at poll()
         self.batch: DecodeBatch | None = None
         self.device = str(paddle.get_device())
         self.palette = None
@@ -83,16 +97,25 @@ class EagerRuntime:
         return self.batch.rows
 
     def describe(self) -> dict[str, Any]:
-        return {"runtime": self.name, "device": self.device, "precision": str(self.model.dtype_name),
-                "programs": [], "prefill": "inline"}
+        described = {"runtime": self.name, "device": self.device, "precision": str(self.model.dtype_name),
+                     "programs": [], "prefill": "pieces" if self.prefill_chunk else "inline"}
+        if self.prefill_chunk:
+            described.update(prefill_chunk=self.prefill_chunk, vision_blocks=self.vision_blocks)
+        return described
 
     # ---- requests
 
     def start(self, kind: str, rid: str, payload: dict[str, Any]) -> Future:
+        cut = bool(self.prefill_chunk and (self.batch.sequences or self.starts))  # someone waits for its pieces
         try:
-            start = self.prepare(kind, rid, payload)
+            start = self.prepare(kind, rid, payload, chunk=self.prefill_chunk if cut else None,
+                                 vision_blocks=self.vision_blocks if cut else None)
         except Exception as error:  # noqa: BLE001 - this request fails alone
             return done(error=error)
+        if self.prefill_chunk:
+            future: Future = Future()
+            self.starts.append((start, future))
+            return future
         try:
             return done(start.join(drain(start.pieces)))
         except Exception as error:  # noqa: BLE001 - this request fails alone
@@ -133,11 +156,33 @@ class EagerRuntime:
                 "max_new_tokens": payload["max_new_tokens"], "eos_id": self.eos_id}
 
     def poll(self) -> None:
-        """Nothing runs in the background."""
+        """Prefilled requests join the batch (between steps: their first events come before their next)."""
+        joining, self.joining = self.joining, []
+        for start, future, logits in joining:
+            try:
+                future.set_result(start.join(logits))
+            except Exception as error:  # noqa: BLE001 - this request fails alone
+                self.abandon(start)
+                future.set_exception(error)
 
     def run_piece(self) -> bool:
-        """Nothing is run in pieces between the steps."""
-        return False
+        """The next piece of the first prefill waiting; True while prefills wait or have yet to join."""
+        if self.starts:
+            self.prefill_piece()
+        return bool(self.starts or self.joining)
+
+    def prefill_piece(self) -> None:
+        start, future = self.starts[0]
+        try:
+            finished, logits = advance(start.pieces)
+        except Exception as error:  # noqa: BLE001 - this request fails alone
+            self.starts.popleft()
+            self.abandon(start)
+            future.set_exception(error)
+            return
+        if finished:
+            self.starts.popleft()
+            self.joining.append((start, future, logits))
 
     def background(self) -> list[Future]:
         return []
@@ -149,6 +194,13 @@ class EagerRuntime:
         return self.batch.step_each()
 
     def remove(self, rid: str) -> None:
+        for waiting in (self.starts, self.joining):
+            for entry in list(waiting):
+                if entry[0].rid == rid:
+                    waiting.remove(entry)
+                    self.abandon(entry[0])
+                    entry[1].cancel()
+                    return
         self.batch.remove(rid)
 
     # ---- images

@@ -6,10 +6,10 @@ The model is the eager runtime's (model/runtime/eager.py), with two differences.
   on the device it will run on: a prefill and a few decode steps of random rows, one of them padded up
   to its bucket. On any error or a result out of tolerance it logs why and the runtime serves the
   reference forward instead.
-- Prefills and VQ decodes run in pieces between the steps (model/pieces.py), one piece per turn of the
-  scheduler (run_piece), alternating between the two when both wait: a prompt's image encoder a few
-  SigLIP blocks at a time, then its tokens a chunk at a time; finished images a few at once, a residual
-  block at a time. The running rows then wait for one piece at most, never for a whole prompt or
+- Prefills (as the eager runtime runs them with a prefill_chunk) and VQ decodes run in pieces between
+  the steps (model/pieces.py), one piece per turn of the scheduler (run_piece), alternating between the
+  two when both wait: a prompt's image encoder a few SigLIP blocks at a time, then its tokens a chunk at
+  a time (a prompt alone: one piece); finished images a few at once, a residual block at a time. The running rows then wait for one piece at most, never for a whole prompt or
   decode. Everything runs on the loop's thread and the device's one stream: Paddle's current stream is
   one setting per device for the whole process (paddle.device.set_stream), so a thread decoding on a
   stream of its own would move the loop's kernels, and its graph captures, onto that stream too.
@@ -29,7 +29,7 @@ from ..generation import DecodeBatch, to_uint8_images
 from ..graphs import CapturedSteps, relative_difference
 from ..pieces import Pieces, advance
 from ..static_step import CAPTURED_AT_START, IN_PLACE_DTYPES, StaticStep, row_bucket
-from .eager import EagerRuntime, Start, done
+from .eager import EagerRuntime
 
 log = logging.getLogger("janus.runtime")
 
@@ -77,10 +77,9 @@ class GpuRuntime(EagerRuntime):
         its decode attention over the cache as it lies (varlen flash attention; bfloat16 and float16). By default
         each is tried first off CPU, then without.
         `prefill_chunk`, `vision_blocks`, `vq_batch`: the pieces' sizes."""
-        super().__init__(model, eos_id=eos_id, pad_id=pad_id, previews=previews)
-        self.prefill_chunk, self.vision_blocks, self.vq_batch = prefill_chunk, vision_blocks, vq_batch
-        self.starts: collections.deque[tuple[Start, Future]] = collections.deque()  # prefills to run, in order
-        self.joining: list[tuple[Start, Future, Any]] = []  # prefilled: they join the batch at poll()
+        super().__init__(model, eos_id=eos_id, pad_id=pad_id, previews=previews, prefill_chunk=prefill_chunk,
+                         vision_blocks=vision_blocks)
+        self.vq_batch = vq_batch
         self.images: collections.deque[tuple[np.ndarray, Future]] = collections.deque()  # codes to decode
         self.decoding: Decode | None = None
         self.turns = 0
@@ -140,15 +139,6 @@ class GpuRuntime(EagerRuntime):
 
     # ---- prefills and VQ decodes in pieces
 
-    def start(self, kind: str, rid: str, payload: dict[str, Any]) -> Future:
-        try:
-            start = self.prepare(kind, rid, payload, chunk=self.prefill_chunk, vision_blocks=self.vision_blocks)
-        except Exception as error:  # noqa: BLE001 - this request fails alone
-            return done(error=error)
-        future: Future = Future()
-        self.starts.append((start, future))
-        return future
-
     def decode_images(self, codes) -> Future:
         future: Future = Future()
         self.images.append((np.asarray(codes, np.int64), future))
@@ -163,39 +153,6 @@ class GpuRuntime(EagerRuntime):
             self.decode_piece()
         self.turns += 1
         return bool(self.starts or self.joining or self.images or self.decoding)
-
-    def prefill_piece(self) -> None:
-        start, future = self.starts[0]
-        try:
-            finished, logits = advance(start.pieces)
-        except Exception as error:  # noqa: BLE001 - this request fails alone
-            self.starts.popleft()
-            self.abandon(start)
-            future.set_exception(error)
-            return
-        if finished:
-            self.starts.popleft()
-            self.joining.append((start, future, logits))
-
-    def poll(self) -> None:
-        """Prefilled requests join the batch (between steps: their first events come before their next)."""
-        joining, self.joining = self.joining, []
-        for start, future, logits in joining:
-            try:
-                future.set_result(start.join(logits))
-            except Exception as error:  # noqa: BLE001 - this request fails alone
-                self.abandon(start)
-                future.set_exception(error)
-
-    def remove(self, rid: str) -> None:
-        for waiting in (self.starts, self.joining):
-            for entry in list(waiting):
-                if entry[0].rid == rid:
-                    waiting.remove(entry)
-                    self.abandon(entry[0])
-                    entry[1].cancel()
-                    return
-        super().remove(rid)
 
     def decode_piece(self) -> None:
         if self.decoding is None:
@@ -242,9 +199,7 @@ class GpuRuntime(EagerRuntime):
     def describe(self) -> dict[str, Any]:
         static = self.step_kind == "static"
         described = {**super().describe(), "step": self.step_kind, "fused_kernels": static and self.static_step.fused,
-                     "in_place_attention": static and self.static_step.in_place,
-                     "prefill": "pieces", "prefill_chunk": self.prefill_chunk, "vision_blocks": self.vision_blocks,
-                     "vq_batch": self.vq_batch}
+                     "in_place_attention": static and self.static_step.in_place, "vq_batch": self.vq_batch}
         if self.captured is not None:
             described.update(self.captured.describe())
         if self.self_check_error:

@@ -90,7 +90,7 @@ class WorkerHandle:
         self.row_length = 0
         self.cache: dict[str, Any] = {}  # the KV cache it sized for itself (server/engine/memory.py CachePlan.info)
         self.programs: list[str] = []  # the OpenVINO programs the worker runs on CPU
-        self.prefill = ""  # how it prefills understanding prompts: "thread" (beside the steps) or "inline"
+        self.prefill = ""  # how it prefills prompts: "thread" (beside the steps), "pieces" (between them) or "inline"
         self.runtime = ""  # which runtime it runs (model/runtime/)
         self.precision = ""  # its compute precision: the OpenVINO decoder's on CPU ("exact", "int8"...), else the dtype
         self.decoder_programs = ""  # the CPU decoder's programs: "built" at this start, or "imported" (cpu_programs.py)
@@ -109,6 +109,7 @@ class WorkerHandle:
 
 
 PREFILL_WHERE = {"thread": "in a thread beside the decode loop",
+                 "pieces": "in the decode loop, in chunks between the steps while other requests run",
                  "inline": "in the decode loop"}
 
 
