@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     cpu_vq: Literal["auto", "eager", "openvino"] = Field(
         "auto", description="CPU VQ image decoder: OpenVINO (about 4x faster, runs beside the decode loop), "
         "eager Paddle, or auto (OpenVINO when the openvino package is installed).")
+    prefill_chunk: int | None = Field(
+        None, ge=0, description="Prompt tokens prefilled per piece between the decode steps while other requests "
+        "run, so that their answers wait for a piece instead of a whole prompt (a prompt alone is prefilled whole): "
+        "default 64 with the OpenVINO CPU decoder and 512 on GPU; 0 prefills every prompt whole.")
     cpu_vision: Literal["auto", "eager", "openvino"] = Field(
         "auto", description="CPU image encoder for understanding (SigLIP + aligner): OpenVINO (one call that "
         "releases the GIL, so it overlaps the decode loop), eager Paddle, or auto (OpenVINO when installed).")
@@ -109,4 +113,5 @@ class Settings(BaseSettings):
             program_cache=self.program_cache,
             cpu_vq=self.cpu_vq,
             cpu_vision=self.cpu_vision,
+            prefill_chunk=self.prefill_chunk,
         )

@@ -38,10 +38,13 @@ from .eager import EagerRuntime, done
 
 log = logging.getLogger("janus.worker")
 
-# Prompt tokens per piece beside running rows, with the OpenVINO decoder. Measured at Janus-1.3B's sizes
-# (2-core AVX-512 EPYC, exact float32, a 695-token prompt): whole, 19.2-19.6 s; in chunks of 128, 22.8-23.3 s,
-# the running rows waiting 4.8-5.0 s at most (64: 23.6 s and 2.4 s; 256: 21.9-23.0 s and 8.5 s).
-PREFILL_CHUNK = 128
+# Prompt tokens per piece beside running rows, with the OpenVINO decoder: no longer than the image encoder's
+# piece (one OpenVINO call, which cannot be cut). Measured through the server at Janus-1.3B's sizes
+# (bench/fullsize_serve.py --beside, 2-core AVX-512 EPYC, exact float32): a 695-token understanding prompt sent
+# while a text answer streams. Whole, the stream waited 13.0 s and the new request's first token came at 13.1 s;
+# in chunks of 256, 10.1 s and 17.3 s; of 128, 5.0 s and 17.7 s; of 64, 3.1 s and 18.6 s (the image encoder's
+# piece about 3 s of it). Each chunk reads the weights again.
+PREFILL_CHUNK = 64
 
 
 @dataclasses.dataclass
@@ -178,9 +181,12 @@ class CpuRuntime(EagerRuntime):
     name = "cpu"
 
     def __init__(self, model, *, eos_id: int, pad_id: int, cpu_engine: str = "auto", cpu_precision: str = "exact",
-                 cpu_vq: str = "auto", cpu_vision: str = "auto", previews: bool = True, program_stores=None):
+                 cpu_vq: str = "auto", cpu_vision: str = "auto", previews: bool = True, program_stores=None,
+                 prefill_chunk: int | None | str = "auto"):
         """`program_stores`: where the compiled programs are imported from or saved, by name (program_stores);
-        the VQ decoder's entry also keeps the preview palette."""
+        the VQ decoder's entry also keeps the preview palette. `prefill_chunk`: prompt tokens per piece between the
+        steps beside running requests (model/runtime/eager.py); "auto": PREFILL_CHUNK with the OpenVINO decoder,
+        else None (every prompt whole; understanding prompts in the prefill thread)."""
         from ..cpu_decoder import CpuDecoder, check_precision
 
         limit_blas_threads()
@@ -219,7 +225,8 @@ class CpuRuntime(EagerRuntime):
         self.prefill_done: queue.Queue = queue.Queue()
         self.vq_jobs: queue.Queue = queue.Queue()
         super().__init__(model, eos_id=eos_id, pad_id=pad_id, previews=previews,
-                         prefill_chunk=PREFILL_CHUNK if self.decoder is not None else None)
+                         prefill_chunk=(PREFILL_CHUNK if self.decoder is not None else None) if prefill_chunk == "auto"
+                         else prefill_chunk)
         if self.prefill_thread:
             threading.Thread(target=self.prefill_loop, name="prefill", daemon=True).start()
         if self.vq_decoder is not None:

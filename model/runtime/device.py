@@ -83,14 +83,17 @@ def cuda_free_bytes(index: int) -> int | None:
 
 
 def make_runtime(model, device: str, *, eos_id: int, pad_id: int, cpu_engine: str = "auto",
-                 cpu_precision: str = "exact", cpu_vq: str = "auto", cpu_vision: str = "auto", program_stores=None):
+                 cpu_precision: str = "exact", cpu_vq: str = "auto", cpu_vision: str = "auto", program_stores=None,
+                 prefill_chunk: int | None = None):
     """The CPU runtime on CPU (model/runtime/cpu.py), the GPU runtime elsewhere (model/runtime/gpu.py: eager
-    Paddle with a static decode step); its cache comes later (runtime.open_cache)."""
+    Paddle with a static decode step); its cache comes later (runtime.open_cache). `prefill_chunk`: prompt tokens
+    per piece beside running requests (None: the runtime's own; 0: every prompt whole)."""
+    chunk = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk or None}
     if device == "cpu":
         from .cpu import CpuRuntime
 
         return CpuRuntime(model, eos_id=eos_id, pad_id=pad_id, cpu_engine=cpu_engine, cpu_precision=cpu_precision,
-                          cpu_vq=cpu_vq, cpu_vision=cpu_vision, program_stores=program_stores)
+                          cpu_vq=cpu_vq, cpu_vision=cpu_vision, program_stores=program_stores, **chunk)
     from .gpu import GpuRuntime
 
-    return GpuRuntime(model, eos_id=eos_id, pad_id=pad_id)
+    return GpuRuntime(model, eos_id=eos_id, pad_id=pad_id, **chunk)

@@ -71,12 +71,13 @@ class GpuRuntime(EagerRuntime):
     name = "gpu"
 
     def __init__(self, model, *, eos_id: int, pad_id: int, previews: bool = True, fused: bool | None = None,
-                 in_place: bool | None = None, prefill_chunk: int = PREFILL_CHUNK, vision_blocks: int = VISION_BLOCKS,
+                 in_place: bool | None = None, prefill_chunk: int | None = PREFILL_CHUNK, vision_blocks: int = VISION_BLOCKS,
                  vq_batch: int = VQ_BATCH):
         """`fused`: Paddle's fused RMSNorm and rotary kernels in the static step (model/static_step.py); `in_place`:
         its decode attention over the cache as it lies (varlen flash attention; bfloat16 and float16). By default
         each is tried first off CPU, then without.
-        `prefill_chunk`, `vision_blocks`, `vq_batch`: the pieces' sizes."""
+        `prefill_chunk`, `vision_blocks`, `vq_batch`: the pieces' sizes (prefill_chunk None: every prompt whole,
+        as it starts)."""
         super().__init__(model, eos_id=eos_id, pad_id=pad_id, previews=previews, prefill_chunk=prefill_chunk,
                          vision_blocks=vision_blocks)
         self.vq_batch = vq_batch

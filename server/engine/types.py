@@ -218,3 +218,4 @@ class EngineConfig:
     program_cache: str = "auto"  # compiled CPU decoder programs: "auto" (<home>/programs), "off", or a folder
     cpu_vq: str = "auto"  # CPU VQ decoder: "openvino" (in a thread beside the decode loop), "eager", "auto"
     cpu_vision: str = "auto"  # CPU image encoder (SigLIP + aligner): "openvino", "eager", "auto"
+    prefill_chunk: int | None = None  # prompt tokens per piece beside running requests; None: the runtime's; 0: whole

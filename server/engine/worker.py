@@ -42,6 +42,7 @@ class WorkerConfig:
     cpu_precision: str = "exact"
     cpu_vq: str = "auto"
     cpu_vision: str = "auto"
+    prefill_chunk: int | None = None
     program_cache: str | None = None  # a folder for the CPU decoder's compiled programs (model/cpu_programs.py)
     threads: int | None = None
     eos_id: int = 0
@@ -168,7 +169,8 @@ def run_worker(config: WorkerConfig, inbox, outbox) -> None:
 def make_runtime(config: WorkerConfig, support, model, device: str, stores: dict):
     return support.make_runtime(model, device, eos_id=config.eos_id, pad_id=config.pad_id,
                                 cpu_engine=config.cpu_engine, cpu_precision=config.cpu_precision, cpu_vq=config.cpu_vq,
-                                cpu_vision=config.cpu_vision, program_stores=stores)
+                                cpu_vision=config.cpu_vision, program_stores=stores,
+                                prefill_chunk=config.prefill_chunk)
 
 
 def ignore_stop_signals() -> None:
