@@ -147,12 +147,6 @@ class JanusModel(nn.Layer):
         return (yield from self.gen_vision_model.decode_pieces(_tensor(codes, "int64")))
 
 
-def to_uint8_images(decoded) -> np.ndarray:
-    """[N, 3, H, W] decoder output -> [N, H, W, 3] uint8, truncating as the reference does."""
-    pixels = np.asarray(_numpy(decoded), dtype=np.float32)
-    return np.clip((pixels + 1) / 2 * 255, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
 def _numpy(value) -> np.ndarray:
     return value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
 

@@ -208,7 +208,7 @@ def vq_decoder() -> CpuVQDecoder:
 
 def test_vq_decoder_program_reproduces_the_golden_images(vq_decoder):
     """The OpenVINO VQ decoder against the official implementation's decoded pixels and uint8 images."""
-    from model.janus import to_uint8_images
+    from model.generation import to_uint8_images
 
     decoder = vq_decoder
     with np.load(GOLDEN / "cases.npz") as data:

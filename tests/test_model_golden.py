@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from model.janus import to_uint8_images
+from model.generation import to_uint8_images
 
 GOLDEN = Path(__file__).parent / "golden" / "janus-tiny"
 ATOL = 1e-4
