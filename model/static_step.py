@@ -169,14 +169,13 @@ class StaticStep:
         order = np.concatenate([order, np.arange(batch, bucket)]).astype(np.int64)
         inverse = np.empty(bucket, np.int64)
         inverse[order] = np.arange(bucket)
+        rows = np.asarray(slots, np.int64)[order[:batch]], np.asarray(positions, np.int64)[order[:batch]]
         padding = np.arange(bucket - batch)
-        step_slots = np.concatenate([np.asarray(slots, np.int64)[order[:batch]], np.full(bucket - batch, cache.scratch)])
-        step_positions = np.concatenate([np.asarray(positions, np.int64)[order[:batch]],
-                                         np.minimum(padding, max_len - 1)])
+        step_slots = np.concatenate([rows[0], np.full(bucket - batch, cache.scratch)])
+        step_positions = np.concatenate([rows[1], np.minimum(padding, max_len - 1)])
         first = step_slots * max_len
         starts = first + np.concatenate([np.zeros(batch, np.int64), np.minimum(padding, max_len)])
-        ends = first + np.concatenate([np.asarray(positions, np.int64)[order[:batch]] + 1,
-                                       np.minimum(padding + 1, max_len)])
+        ends = first + np.concatenate([rows[1] + 1, np.minimum(padding + 1, max_len)])
         runs = np.stack([starts, ends], axis=1).reshape(-1)
         return np.concatenate([step_slots, step_positions, order, inverse, [0], runs]).astype(np.int64)
 
