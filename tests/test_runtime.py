@@ -273,8 +273,9 @@ def test_gpu_runtime_prefills_in_pieces_while_the_running_rows_step(model, golde
 
 
 def test_a_prompt_alone_is_one_piece_and_one_beside_running_rows_is_cut(model, golden):
-    """With a prefill_chunk, a prompt no one waits for is prefilled whole (chunks cost time); one that arrives
-    while rows run, in chunks of that many tokens, one per turn. Both give the reference's first token."""
+    """With a prefill_chunk, prompts that arrive when no rows run (a burst, or one alone) are prefilled whole
+    (pieces cost time); one that arrives while rows run, in chunks of that many tokens, one per turn. All give
+    the reference's first token."""
     arrays, cases = golden
     runtime = opened(EagerRuntime, model, cases, 4, previews=False, prefill_chunk=128)
     assert runtime.describe()["prefill"] == "pieces"
@@ -289,6 +290,12 @@ def test_a_prompt_alone_is_one_piece_and_one_beside_running_rows_is_cut(model, g
         assert future.result()[0].token == arrays[f"understanding.{case}.generated_ids"][0][0]
         return pieces
 
+    together = [runtime.start("understand", rid, understand_message(arrays, rid, case)[2])
+                for rid, case in (("first", "conv1"), ("second", "conv2"))]  # a burst: no answer under way yet
+    assert runtime.run_piece() and runtime.run_piece() and not runtime.starts  # one piece each
+    runtime.poll()
+    assert all(future.done() for future in together)
+    runtime.remove("first"), runtime.remove("second")
     assert pieces_until_joined("alone", "conv1") == 1
     prompt = len(arrays["understanding.conv2.input_ids"][0])
     assert pieces_until_joined("beside", "conv2") == 1 + -(-prompt // 128)  # the image encoder, then the chunks

@@ -4,10 +4,12 @@ Every image is decoded when its codes are done, in the caller's thread. Every re
 when it starts (its future done when it is returned), unless the runtime is given a `prefill_chunk`:
 then prompts are prefilled in pieces between the steps (model/pieces.py), one piece per turn of the
 scheduler (run_piece), and join the batch at the next poll(). A prompt that arrives while rows run
-or other prompts wait is cut into chunks of `prefill_chunk` tokens (and its image encoder, where
-the model's own runs, into `vision_blocks` SigLIP blocks), so that the running rows wait for one
-piece at most; a prompt alone is one piece, since no one waits for it and chunks cost time (each
-reads the weights again). Model/runtime/gpu.py and model/runtime/cpu.py's OpenVINO decoder run so.
+is cut into chunks of `prefill_chunk` tokens (and its image encoder, where the model's own runs,
+into `vision_blocks` SigLIP blocks), so that the running rows wait for one piece at most. A prompt
+that arrives when none run (alone, or with others at once) is one piece: no answer is under way to
+wait for it, and pieces cost time (each reads the weights again, and the rows step after each with
+fewer rows than they would later have together). Model/runtime/gpu.py and model/runtime/cpu.py's
+OpenVINO decoder run so.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ class EagerRuntime:
         """`previews`: fit the preview palette (one VQ decode). The cache comes after (open_cache), so that it
         can be sized from the memory the runtime's own programs leave.
         `prefill_chunk`: prompts in pieces between the steps, this many tokens a piece (over all the prompt's
-        rows) while others wait; None: each prefilled whole as it starts. `vision_blocks`: SigLIP blocks a piece
+        rows) while answers run; None: each prefilled whole as it starts. `vision_blocks`: SigLIP blocks a piece
         (None: the image encoder in one piece)."""
         import paddle
 
@@ -106,7 +108,7 @@ class EagerRuntime:
     # ---- requests
 
     def start(self, kind: str, rid: str, payload: dict[str, Any]) -> Future:
-        cut = bool(self.prefill_chunk and (self.batch.sequences or self.starts))  # someone waits for its pieces
+        cut = bool(self.prefill_chunk and self.batch.sequences)  # answers under way would wait for it whole
         try:
             start = self.prepare(kind, rid, payload, chunk=self.prefill_chunk if cut else None,
                                  vision_blocks=self.vision_blocks if cut else None)

@@ -9,7 +9,7 @@ The model is the eager runtime's (model/runtime/eager.py), with two differences.
 - Prefills (as the eager runtime runs them with a prefill_chunk) and VQ decodes run in pieces between
   the steps (model/pieces.py), one piece per turn of the scheduler (run_piece), alternating between the
   two when both wait: a prompt's image encoder a few SigLIP blocks at a time, then its tokens a chunk at
-  a time (a prompt alone: one piece); finished images a few at once, a residual block at a time. The running rows then wait for one piece at most, never for a whole prompt or
+  a time (a prompt that arrives when no rows run: one piece); finished images a few at once, a residual block at a time. The running rows then wait for one piece at most, never for a whole prompt or
   decode. Everything runs on the loop's thread and the device's one stream: Paddle's current stream is
   one setting per device for the whole process (paddle.device.set_stream), so a thread decoding on a
   stream of its own would move the loop's kernels, and its graph captures, onto that stream too.
