@@ -44,7 +44,9 @@ log = logging.getLogger("janus.worker")
 # while a text answer streams. Whole, the stream waited 13.0 s and the new request's first token came at 13.1 s;
 # in chunks of 256, 10.1 s and 17.3 s; of 128, 5.0 s and 17.7 s; of 64, 3.1 s and 18.6 s (the image encoder's
 # piece about 3 s of it). Each chunk reads the weights again, and the running rows step after each with fewer
-# rows than they would later have together: 8 prompts at once took 114 s whole, 146 s at 128, 154 s at 64.
+# rows than they would later have together: 8 prompts at once, cut once the first had joined, took 114 s whole,
+# 146 s at 128, 154 s at 64; a burst that arrives when no rows run is prefilled whole (model/runtime/eager.py):
+# 119 s.
 PREFILL_CHUNK = 64
 
 
