@@ -144,9 +144,8 @@ class CapturedSteps:
         if not self.available:
             return
         hidden = self.static.config.hidden_size
-        rng = np.random.default_rng(0)
+        rng, none = np.random.default_rng(0), np.zeros(0, np.int64)
         for bucket in rows:
-            none = np.zeros(0, np.int64)
             index = self.static.load_index(cache, bucket, none, none)  # every row padding
             # random rows (zeros would make every layer's output zero, and the check against the eager step empty)
             x = from_numpy(rng.standard_normal((bucket, 1, hidden)).astype(np.float32)).astype(self.static.dtype)

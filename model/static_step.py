@@ -148,8 +148,8 @@ class StaticStep:
         """One new token per row: [B, 1, hidden] -> [B, 1, hidden], run at the row and length buckets."""
         batch = embeds.shape[0]
         bucket = row_bucket(batch)
-        length = self.length_buckets(cache.max_len)[0] if self.in_place else \
-            min(-(-(int(positions.max()) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET, cache.max_len)
+        length = cache.max_len if self.in_place else \
+            min(-(-(int(positions.max()) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET, cache.max_len)  # length_buckets
         buffer = self.load_index(cache, bucket, slots, positions)
         x = embeds if batch == bucket else paddle.concat(
             [embeds, paddle.zeros([bucket - batch, 1, embeds.shape[2]], dtype=embeds.dtype)])

@@ -41,8 +41,8 @@ class Settings(BaseSettings):
         "eager Paddle, or auto (OpenVINO when the openvino package is installed).")
     prefill_chunk: int | None = Field(
         None, ge=0, description="Prompt tokens prefilled per piece between the decode steps while other requests "
-        "run, so that their answers wait for a piece instead of a whole prompt (one that arrives when none run is prefilled whole): "
-        "default 64 with the OpenVINO CPU decoder and 512 on GPU; 0 prefills every prompt whole.")
+        "run, so that their answers wait for a piece instead of a whole prompt (one that arrives when none run is "
+        "prefilled whole): default 64 with the OpenVINO CPU decoder and 512 on GPU; 0 prefills every prompt whole.")
     cpu_vision: Literal["auto", "eager", "openvino"] = Field(
         "auto", description="CPU image encoder for understanding (SigLIP + aligner): OpenVINO (one call that "
         "releases the GIL, so it overlaps the decode loop), eager Paddle, or auto (OpenVINO when installed).")

@@ -376,7 +376,8 @@ def test_openvino_decoder_serves_what_eager_serves(loop, engine, tmp_path):
         return await asyncio.gather(*(run_one(target, r) for r in requests))
 
     fast = loop.run(run_all(engine))
-    assert "decoder" in engine._workers[0].programs and engine._workers[0].prefill == "pieces"  # one caller: between the steps
+    # the decoder's programs take one caller: prompts are prefilled between the steps
+    assert "decoder" in engine._workers[0].programs and engine._workers[0].prefill == "pieces"
     eager = start_engine(loop, tmp_path, cpu_engine="eager")
     try:
         assert "decoder" not in eager._workers[0].programs and eager._workers[0].prefill == "thread"

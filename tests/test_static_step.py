@@ -121,7 +121,8 @@ def gpu_kernels(monkeypatch) -> None:
 
 
 # The GPU's kernel choices (GpuRuntime tries them in this order): fused norm and rotary, in-place attention.
-KERNELS = {"unfused": (False, False), "fused": (True, False), "in place": (False, True), "fused, in place": (True, True)}
+KERNELS = {"unfused": (False, False), "fused": (True, False), "in place": (False, True),
+           "fused, in place": (True, True)}
 
 
 def static_step(model, monkeypatch, kernels: str) -> StaticStep:
@@ -175,7 +176,8 @@ def test_in_place_attention_reads_each_row_its_own_run_of_the_cache(model):
     assert order.tolist() == [1, 2, 0, 3] and inverse[:3].tolist() == [2, 0, 1]  # the batch's rows, and back
     assert runs.tolist() == [0, 0, 51, 200, 204, 400, 411, 600, 601]  # gap, run, gap, run, ...: never backwards
     short = step.new_cache(2, 2)  # more padding rows than the scratch slot has positions: empty runs past it
-    step_slots, step_positions, _, _, runs = np.split(step.pack(short, 8, np.array([1]), np.array([1])), [8, 16, 24, 32])
+    index = step.pack(short, 8, np.array([1]), np.array([1]))
+    step_slots, step_positions, _, _, runs = np.split(index, [8, 16, 24, 32])
     assert step_slots.tolist() == [1] + [2] * 7 and step_positions.tolist() == [1, 0, 1, 1, 1, 1, 1, 1]
     assert runs.tolist() == [0, 2, 4, 4, 5, 5, 6] + [6] * 10 and (np.diff(runs) >= 0).all()
     step.index_buffer(4)

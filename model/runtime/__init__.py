@@ -8,9 +8,9 @@ whatever threads, programs or streams its device needs. The scheduler calls, fro
     runtime.rows_in_use -> int           rows of the running sequences
     runtime.start(kind, rid, payload) -> Future
         kind "understand" (one row) or "generate" (two rows per image); takes the rows at once and
-        prefills, now, in the background, or in pieces between steps. Its result is the request's first events (its first
-        token, or its first image step), once it has joined the running rows; its exception, why
-        it failed (the rows are free again).
+        prefills, now, in the background, or in pieces between steps. Its result is the request's
+        first events (its first token, or its first image step), once it has joined the running rows;
+        its exception, why it failed (the rows are free again).
     runtime.poll()                       takes in what the background finished (call between steps)
     runtime.run_piece() -> bool          runs one piece of the work it does on the scheduler's thread
                                          between steps (a chunk of a prompt, a piece of a VQ decode: about

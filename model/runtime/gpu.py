@@ -9,8 +9,8 @@ The model is the eager runtime's (model/runtime/eager.py), with two differences.
 - Prefills (as the eager runtime runs them with a prefill_chunk) and VQ decodes run in pieces between
   the steps (model/pieces.py), one piece per turn of the scheduler (run_piece), alternating between the
   two when both wait: a prompt's image encoder a few SigLIP blocks at a time, then its tokens a chunk at
-  a time (a prompt that arrives when no rows run: one piece); finished images a few at once, a residual block at a time. The running rows then wait for one piece at most, never for a whole prompt or
-  decode. Everything runs on the loop's thread and the device's one stream: Paddle's current stream is
+  a time (a prompt that arrives when no rows run: one piece); finished images a few at once, a residual
+  block at a time. The running rows then wait for one piece at most, never for a whole prompt or decode. Everything runs on the loop's thread and the device's one stream: Paddle's current stream is
   one setting per device for the whole process (paddle.device.set_stream), so a thread decoding on a
   stream of its own would move the loop's kernels, and its graph captures, onto that stream too.
 """
@@ -71,8 +71,8 @@ class GpuRuntime(EagerRuntime):
     name = "gpu"
 
     def __init__(self, model, *, eos_id: int, pad_id: int, previews: bool = True, fused: bool | None = None,
-                 in_place: bool | None = None, prefill_chunk: int | None = PREFILL_CHUNK, vision_blocks: int = VISION_BLOCKS,
-                 vq_batch: int = VQ_BATCH):
+                 in_place: bool | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
+                 vision_blocks: int = VISION_BLOCKS, vq_batch: int = VQ_BATCH):
         """`fused`: Paddle's fused RMSNorm and rotary kernels in the static step (model/static_step.py); `in_place`:
         its decode attention over the cache as it lies (varlen flash attention; bfloat16 and float16). By default
         each is tried first off CPU, then without.
@@ -85,7 +85,7 @@ class GpuRuntime(EagerRuntime):
         self.decoding: Decode | None = None
         self.turns = 0
         self.captured: CapturedSteps | None = None
-        self.step_kind, self.self_check_error = "eager", None
+        self.step_kind = "eager"
         errors = []
         for choice in kernel_choices(self.device, model.dtype_name, fused, in_place):
             self.static_step = StaticStep(model.language_model.model, model.dtype_name, **choice)

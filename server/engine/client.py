@@ -185,8 +185,8 @@ class EngineClient:
             max_new_tokens=self.config.max_new_tokens_limit, memory_fraction=self.config.memory_fraction,
             max_running_requests=self.config.max_running_requests, cpu_engine=self.config.cpu_engine,
             cpu_precision=self.config.cpu_precision, cpu_vq=self.config.cpu_vq, cpu_vision=self.config.cpu_vision,
-            prefill_chunk=self.config.prefill_chunk, program_cache=self._program_cache(), threads=threads, eos_id=self._processor.eos_id,
-            pad_id=self._processor.pad_id)
+            prefill_chunk=self.config.prefill_chunk, program_cache=self._program_cache(), threads=threads,
+            eos_id=self._processor.eos_id, pad_id=self._processor.pad_id)
 
     def _program_cache(self) -> str | None:
         """The folder for compiled CPU programs (model/cpu_programs.py), or None."""
